@@ -1,0 +1,10 @@
+"""Inner solvers: ``adapt = solver(loss_fn, ...)``, then ``phi = adapt(theta, support)``."""
+
+from metajax.solvers import linear_solvers
+from metajax.solvers._loops import choose_unroll
+from metajax.solvers.adjoint import AdjointInfo, adjoint
+from metajax.solvers.implicit import ImplicitInfo, LinearSolveInfo, implicit
+from metajax.solvers.unrolled import UnrolledInfo, differentiable_adam, unrolled
+
+__all__ = ["AdjointInfo", "ImplicitInfo", "adjoint", "LinearSolveInfo", "UnrolledInfo", "choose_unroll",
+           "differentiable_adam", "implicit", "linear_solvers", "unrolled"]
