@@ -85,8 +85,8 @@ def main(argv=None):
   log.write(event="config", **vars(args), **common.environment())
   bar = common.progress(args.iterations, f"sinusoid/{args.solver}")
   start = time.time()
-  for key in jax.random.split(key_train, args.iterations // chunk):
-    state, losses = train_step(state, key)
+  for _ in range(args.iterations // chunk):
+    state, losses = train_step(state, key_train)  # iteration i uses fold_in(key_train, i)
     mean_loss = float(losses.mean())  # one host read per chunk, not per iteration
     log.write(event="train", iteration=int(state.step), query_mse=mean_loss,
               seconds=time.time() - start)

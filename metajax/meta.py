@@ -148,6 +148,9 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
   Returns:
     ``train_step(state, key) -> (state, losses)``, jitted, with ``losses`` of
     shape ``(iterations,)``. It compiles once and never round-trips to the host.
+    Iteration ``i`` samples its tasks from ``fold_in(key, i)``: with a fixed
+    ``key`` the run is the same however iterations are grouped into calls
+    (and after resuming from a checkpoint).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, metajax
@@ -163,7 +166,7 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
   _common.check_positive_int("iterations", iterations)
 
   def one_iteration(state: TrainState, key):
-    tasks = sample_tasks(key, meta_batch_size)
+    tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size)
     loss, grads = value_and_grad(state.meta_params, tasks)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
@@ -171,7 +174,10 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
 
   @jax.jit
   def train_step(state: TrainState, key):
-    return jax.lax.scan(one_iteration, state, jax.random.split(key, iterations))
+    if iterations == 1:
+      state, loss = one_iteration(state, key)
+      return state, loss[None]
+    return jax.lax.scan(lambda s, _: one_iteration(s, key), state, None, length=iterations)
 
   return train_step
 

@@ -3,8 +3,11 @@
 from metajax.solvers import linear_solvers
 from metajax.solvers._loops import choose_unroll
 from metajax.solvers.adjoint import AdjointInfo, adjoint
-from metajax.solvers.implicit import ImplicitInfo, LinearSolveInfo, implicit
+from metajax.solvers.implicit import LinearSolveInfo, implicit
+from metajax.solvers.inner_optimizers import ImplicitInfo
 from metajax.solvers.unrolled import UnrolledInfo, differentiable_adam, unrolled
 
-__all__ = ["AdjointInfo", "ImplicitInfo", "adjoint", "LinearSolveInfo", "UnrolledInfo", "choose_unroll",
-           "differentiable_adam", "implicit", "linear_solvers", "unrolled"]
+__all__ = [
+    "AdjointInfo", "ImplicitInfo", "LinearSolveInfo", "UnrolledInfo", "adjoint",
+    "choose_unroll", "differentiable_adam", "implicit", "linear_solvers", "unrolled",
+]

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from metajax.solvers import _common, linear_solvers
-from metajax.solvers.inner_optimizers import ImplicitInfo, minimize
+from metajax.solvers.inner_optimizers import minimize
 
 PyTree = Any
 
@@ -105,7 +105,7 @@ def implicit(
     return objective
 
   def optimality(phi, theta, support, reg_):
-    """``grad L(phi) / reg + (phi - theta)``: zero at the solution; its phi-Jacobian is I + H/reg."""
+    """``grad L(phi) / reg + (phi - theta)``: zero at the solution; phi-Jacobian I + H/reg."""
     return _common.tree_axpy(1.0 / reg_, grad_fn(phi, support), _common.tree_sub(phi, theta))
 
   def forward(theta, support, reg_):

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.solvers import _common
-from metajax.solvers import _loops
+from metajax.solvers import _common, _loops
 
 PyTree = Any
 _UNSET = object()

@@ -1,0 +1,56 @@
+"""Task-axis parallelism: shard a task batch over a device mesh; ``jit`` does the rest."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TASK_AXIS = "tasks"
+
+
+def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh named ``"tasks"`` over ``devices`` (default: all devices).
+
+  Example:
+    >>> from metajax.parallel import task_mesh
+    >>> task_mesh().axis_names
+    ('tasks',)
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  if not devices:
+    raise ValueError("devices is empty: a task mesh needs at least one device.")
+  return Mesh(np.asarray(devices), (TASK_AXIS,))
+
+
+def task_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits the leading (task) axis over the mesh."""
+  return NamedSharding(mesh, PartitionSpec(TASK_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that replicates an array (meta-parameters) on every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
+  """Places every leaf of ``tasks`` with its task axis split over ``mesh``.
+
+  The number of tasks must be a multiple of the mesh size. Inside ``jit``
+  (where tasks are sampled on device) use
+  ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` instead.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from metajax.parallel import shard_tasks, task_mesh
+    >>> import jax
+    >>> x = shard_tasks(jnp.zeros((len(jax.devices()) * 2, 3)), task_mesh())
+  """
+  size = mesh.devices.size
+  for leaf in jax.tree.leaves(tasks):
+    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % size:
+      raise ValueError(f"the task axis (leading, size {np.shape(leaf)[:1]}) must be a "
+                       f"multiple of the mesh size {size}.")
+  return jax.device_put(tasks, task_sharding(mesh))

@@ -1,0 +1,88 @@
+"""Adjoint solver: diagnostics, failures, settings, adjoint methods."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metajax
+from tests import linreg
+
+
+def test_info_counts_steps_and_reports_success():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=2.0)
+  _, info = jax.jit(lambda t, s: adapt(t, s, return_info=True))(problem.params, problem.support)
+  assert bool(info.success)
+  assert int(info.num_steps) == int(info.num_accepted_steps) + int(info.num_rejected_steps) > 0
+
+
+def test_tighter_tolerance_takes_more_steps_and_is_more_accurate():
+  problem = linreg.Problem()
+  phi_ref = problem.gradient_flow(2.0)[0]
+  errors, steps = [], []
+  for tol in (1e-4, 1e-8):
+    adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=2.0, rtol=tol, atol=tol)
+    phi, info = adapt(problem.params, problem.support, return_info=True)
+    errors.append(linreg.rel_err(linreg.flat(phi), phi_ref))
+    steps.append(int(info.num_steps))
+  assert errors[1] < errors[0] / 100 and steps[1] > steps[0]
+
+
+def test_throw_on_max_steps_names_the_time_reached():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4, throw=True)
+  with pytest.raises(Exception, match=r"failed .* at t=[0-9.e+-]+ of t1=50 after 4 steps"):
+    jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
+  quiet = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4)
+  _, info = quiet(problem.params, problem.support, return_info=True)
+  assert not bool(info.success)
+
+
+def test_throw_on_non_finite_state():
+  blow_up = lambda p, b: -jnp.exp(jnp.sum(p["w"]) * 50.0)  # gradient flow diverges
+  adapt = metajax.solvers.adjoint(blow_up, t1=1.0, solver=diffrax.Euler(), dt0=0.1,
+                                  stepsize_controller=diffrax.ConstantStepSize(), throw=True)
+  params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+  with pytest.raises(Exception, match="non-finite"):
+    jax.block_until_ready(jax.jit(adapt)(params, None))
+
+
+def test_proximal_term_matches_shifted_closed_form():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, reg=0.7)
+  import scipy.linalg
+  A, c = problem.A + 0.7 * np.eye(5), problem.c + 0.7 * problem.theta
+  p_inf = np.linalg.solve(A, c)
+  expected = p_inf + scipy.linalg.expm(-A) @ (problem.theta - p_inf)
+  assert linreg.rel_err(linreg.flat(adapt(problem.params, problem.support)), expected) < 1e-8
+
+
+def test_bad_settings_name_the_argument():
+  problem = linreg.Problem()
+  for kwargs, match in [({"t1": 0.0}, "t1 must be > 0"), ({"t1": 1.0, "reg": -1.0}, "reg must be"),
+                        ({"t1": 1.0, "adjoint": "magic"}, "adjoint must be one of"),
+                        ({"t1": 1.0, "stepsize_controller": diffrax.ConstantStepSize()},
+                         "dt0 is required"),
+                        ({"t1": 1.0, "solver": "rk4"}, "solver must be a diffrax solver"),
+                        ({"t1": 1.0, "max_steps": 0}, "max_steps must be >= 1")]:
+    with pytest.raises((ValueError, TypeError), match=match):
+      metajax.solvers.adjoint(linreg.loss_fn, **kwargs)(problem.params, problem.support)
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0)
+  with pytest.raises(ValueError, match="t1 must be > 0"):
+    adapt(problem.params, problem.support, t1=-1.0)
+
+
+def test_checkpoint_adjoint_memory_is_bounded_in_trajectory_length():
+  params, apply_fn = metajax.models.make_mlp(jax.random.key(0), 8, (128, 1), activation=jnp.tanh)
+  loss = metajax.meta.mse_loss(apply_fn)
+  support = (jax.random.normal(jax.random.key(1), (64, 8)), jnp.zeros((64, 1)))
+  sizes = []
+  for steps in (10, 400):
+    adapt = metajax.solvers.adjoint(loss, t1=0.01 * steps, solver=diffrax.Euler(), dt0=0.01,
+                                    stepsize_controller=diffrax.ConstantStepSize(),
+                                    max_steps=512)
+    f = jax.jit(jax.grad(lambda t: loss(adapt(t, support), support)))
+    sizes.append(f.lower(params).compile().memory_analysis().temp_size_in_bytes)
+  assert sizes[1] == sizes[0]  # memory is set by max_steps, not by the trajectory length

@@ -1,0 +1,147 @@
+"""Implicit solver: linear solvers, diagnostics, failures, memory, integer-labelled supports."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metajax
+from metajax.solvers import linear_solvers
+from tests import linreg
+
+LINEAR_SOLVERS = {
+    "cg": linear_solvers.cg(),
+    "normal_cg": linear_solvers.normal_cg(),
+    "gmres": linear_solvers.gmres(),
+    "bicgstab": linear_solvers.bicgstab(),
+    # (I + H/reg) has eigenvalues in [1, 1 + |H|/reg]: scale keeps the series convergent.
+    "neumann": linear_solvers.neumann(terms=400, scale=0.5),
+}
+
+
+def _meta_grad(adapt, problem):
+  return jax.grad(lambda t: linreg.loss_fn(adapt(t, problem.support), problem.query))(
+      problem.params)
+
+
+@pytest.mark.parametrize("name", list(LINEAR_SOLVERS))
+def test_every_linear_solver_gives_the_closed_form_meta_gradient(name):
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=4.0, linear_solver=LINEAR_SOLVERS[name])
+  phi, jac, _ = problem.proximal(4.0)
+  assert linreg.rel_err(linreg.flat(_meta_grad(adapt, problem)),
+                        jac.T @ problem.query_grad(phi)) <= 1e-6
+
+
+@pytest.mark.parametrize("inner,kwargs", [
+    ("gd", {"inner_step_size": 0.2, "inner_steps": 2000}),
+    (optax.adam(0.05), {"inner_steps": 4000, "inner_tol": 1e-9}),
+    ("newton_cg", {}),
+    ("lbfgs", {}),
+])
+def test_inner_optimizers_reach_the_proximal_solution(inner, kwargs):
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=1.0, inner=inner, **kwargs)
+  phi, info = adapt(problem.params, problem.support, return_info=True)
+  assert bool(info.converged)
+  assert linreg.rel_err(linreg.flat(phi), problem.proximal(1.0)[0]) <= 1e-6
+
+
+def test_imaml_paper_setting_in_one_line_is_close_but_truncated():
+  problem = linreg.Problem(d=30, n_support=40)
+  paper = metajax.solvers.implicit(linreg.loss_fn, reg=2.0,
+                                   linear_solver=linear_solvers.cg(maxiter=5, tol=0))
+  phi, jac, _ = problem.proximal(2.0)
+  err = linreg.rel_err(linreg.flat(_meta_grad(paper, problem)), jac.T @ problem.query_grad(phi))
+  assert 1e-12 < err < 0.05  # 5 CG steps: an approximation, and a good one
+
+
+def test_diagnostics_and_linear_solve_info():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0)
+  phi, info = jax.jit(lambda t, s: adapt(t, s, return_info=True))(problem.params, problem.support)
+  assert bool(info.converged) and int(info.inner_iterations) >= 1
+  assert float(info.inner_residual) < 1e-9
+  lin = adapt.linear_solve_info(problem.params, problem.support, phi)
+  assert bool(lin.converged) and float(lin.residual) < 1e-9
+  short = metajax.solvers.implicit(linreg.loss_fn, reg=2.0,
+                                   linear_solver=linear_solvers.cg(maxiter=1, tol=1e-10))
+  lin_short = short.linear_solve_info(problem.params, problem.support, phi)
+  assert not bool(lin_short.converged) and float(lin_short.residual) > 1e-6
+  assert lin_short.maxiter == 1
+
+
+def test_throw_names_the_inner_stage_and_residual():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, inner="gd", inner_step_size=1e-3,
+                                   inner_steps=3, throw=True)
+  with pytest.raises(Exception, match=r"inner stage: no convergence after 3 iterations; "
+                                      r"stationarity residual \d"):
+    jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
+  quiet = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, inner="gd", inner_step_size=1e-3,
+                                   inner_steps=3)
+  _, info = quiet(problem.params, problem.support, return_info=True)
+  assert not bool(info.converged)
+
+
+def test_throw_names_the_linear_solve_stage():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, throw=True,
+                                   linear_solver=linear_solvers.cg(maxiter=1, tol=1e-10))
+  with pytest.raises(Exception, match="linear-solve stage: relative residual"):
+    jax.block_until_ready(jax.jit(lambda t: _meta_grad(adapt, problem))(problem.params))
+
+
+def test_integer_labels_in_support_and_vmap_with_grad():
+  # Classification support (float images, int labels): the custom VJP must skip int leaves.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 10, 3)))
+  labels = jnp.asarray(rng.integers(0, 2, size=(4, 10)))
+  loss = metajax.meta.cross_entropy_loss(lambda p, x: x @ p)
+  adapt = metajax.solvers.implicit(loss, reg=1.0)
+  objective = metajax.meta.meta_objective(adapt, loss)
+  tasks = metajax.tasks.Task((x, labels), (x, labels))
+  grad = jax.jit(jax.grad(objective))(jnp.zeros((3, 2)), tasks)
+  assert grad.shape == (3, 2) and bool(jnp.all(jnp.isfinite(grad)))
+  assert float(jnp.abs(grad).max()) > 0
+
+
+def test_bad_settings_name_the_argument():
+  problem = linreg.Problem()
+  for kwargs, match in [({"reg": 0.0}, "reg must be > 0"), ({"reg": -1.0}, "reg must be > 0"),
+                        ({"reg": 1.0, "inner": "bfgs"}, "inner must be one of"),
+                        ({"reg": 1.0, "inner": "gd"}, "needs inner_step_size"),
+                        ({"reg": 1.0, "inner_steps": 0}, "inner_steps must be >= 1"),
+                        ({"reg": 1.0, "inner_tol": -1.0}, "inner_tol must be")]:
+    with pytest.raises((ValueError, TypeError), match=match):
+      metajax.solvers.implicit(linreg.loss_fn, **kwargs)(problem.params, problem.support)
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=1.0)
+  with pytest.raises(ValueError, match="reg must be a scalar"):
+    adapt(problem.params, problem.support, reg=jnp.ones(2))
+  with pytest.raises(ValueError, match="reg must be > 0"):
+    adapt(problem.params, problem.support, reg=0.0)
+
+
+MEMORY_SCRIPT = r"""
+import jax, jax.numpy as jnp, metajax, sys
+steps = int(sys.argv[1])
+params, apply_fn = metajax.models.make_mlp(jax.random.key(0), 16, (256, 256, 1))
+loss = metajax.meta.mse_loss(apply_fn)
+support = (jax.random.normal(jax.random.key(1), (64, 16)), jnp.zeros((64, 1)))
+adapt = metajax.solvers.implicit(loss, reg=2.0, inner="gd", inner_step_size=0.01,
+                                 inner_steps=steps, inner_tol=0.0,
+                                 linear_solver=metajax.solvers.linear_solvers.cg(maxiter=5, tol=0))
+f = jax.jit(jax.grad(lambda t: loss(adapt(t, support), support)))
+print(f.lower(params).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_compiled_memory_does_not_grow_with_inner_steps():
+  # XLA's buffer assignment for one meta-gradient, at 10 and 400 inner steps.
+  sizes = [int(subprocess.check_output([sys.executable, "-c", MEMORY_SCRIPT, str(k)]))
+           for k in (10, 400)]
+  assert sizes[1] <= 1.0 * sizes[0]
