@@ -1,6 +1,6 @@
 """metajax: gradient-based meta-learning in JAX with interchangeable inner solvers."""
 
-from metajax import meta, models, parallel, solvers, tasks
+from metajax import data, meta, models, parallel, solvers, tasks
 
 __version__ = "0.1.0"
-__all__ = ["meta", "models", "parallel", "solvers", "tasks"]
+__all__ = ["data", "meta", "models", "parallel", "solvers", "tasks"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.solvers import _common
+from metajax.solvers import _common, _loops
 from metajax.tasks import Task
 
 PyTree = Any
@@ -48,6 +48,21 @@ def cross_entropy_loss(apply_fn: Callable) -> Callable:
   return loss_fn
 
 
+def accuracy(apply_fn: Callable) -> Callable:
+  """``metric(params, (x, labels))`` = fraction of argmax predictions equal to the labels.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from metajax.meta import accuracy
+    >>> float(accuracy(lambda p, x: x)(None, (jnp.eye(3), jnp.array([0, 1, 1]))))
+    0.6666666865348816
+  """
+  def metric(params, batch):
+    x, labels = batch
+    return jnp.mean(jnp.argmax(apply_fn(params, x), axis=-1) == labels)
+  return metric
+
+
 def _split(meta_params, learn: Sequence[str]):
   if not learn:
     return meta_params, {}
@@ -61,7 +76,15 @@ def _split(meta_params, learn: Sequence[str]):
   return meta_params["params"], {name: meta_params[name] for name in learn}
 
 
-def meta_objective(adapt: Callable, loss_fn: Callable, *, learn: Sequence[str] = ()):
+def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task) -> str:
+  if mode != "auto":
+    return mode
+  first = jax.tree.map(lambda x: x[0], tasks.support)
+  return _loops.choose_task_batching(loss_fn, params, first)
+
+
+def meta_objective(adapt: Callable, loss_fn: Callable, *, learn: Sequence[str] = (),
+                   task_batching: str = "auto"):
   """The meta-objective: mean over tasks of the query loss after adaptation.
 
   Args:
@@ -70,6 +93,10 @@ def meta_objective(adapt: Callable, loss_fn: Callable, *, learn: Sequence[str] =
     learn: names of call-time hyperparameters of ``adapt`` that are learned
       too (``'step_size'`` for Meta-SGD, ``'reg'``, ``'t1'``). Then
       ``meta_params = {'params': theta, name: value, ...}``.
+    task_batching: how tasks are mapped: ``"vmap"``, ``"unroll"`` (a Python
+      loop over tasks inside the jitted program), ``"map"`` (``lax.map``), or
+      ``"auto"`` (see :func:`metajax.solvers.choose_task_batching`). The
+      numerics are the same either way.
 
   Returns:
     ``objective(meta_params, tasks) -> scalar`` where ``tasks`` is a
@@ -89,12 +116,13 @@ def meta_objective(adapt: Callable, loss_fn: Callable, *, learn: Sequence[str] =
 
   def objective(meta_params, tasks: Task):
     params, hyper = _split(meta_params, learn)
-    return jnp.mean(jax.vmap(task_loss, in_axes=(None, None, 0))(params, hyper, tasks))
+    mode = _task_batching(task_batching, loss_fn, params, tasks)
+    return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task), tasks, mode))
 
   return objective
 
 
-def reptile_value_and_grad(adapt: Callable, loss_fn: Callable):
+def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching: str = "auto"):
   """Reptile's meta-update as a gradient: ``theta - mean_tasks(adapt(theta, support))``.
 
   Feeding it to ``optax.sgd(epsilon)`` gives Reptile's
@@ -112,7 +140,8 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable):
     def one(task):
       phi = adapt(params, task.support)
       return loss_fn(phi, task.query), phi
-    losses, phis = jax.vmap(one)(tasks)
+    mode = _task_batching(task_batching, loss_fn, params, tasks)
+    losses, phis = _loops.map_tasks(one, tasks, mode)
     direction = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), params, phis)
     return jnp.mean(losses), direction
   return value_and_grad
@@ -140,13 +169,16 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
       ``jax.value_and_grad(meta_objective(adapt, loss_fn))`` or
       :func:`reptile_value_and_grad`.
     optimizer: the outer optax optimizer.
-    sample_tasks: a task family, ``sample_tasks(key, num_tasks) -> Task``.
+    sample_tasks: a task family, ``sample_tasks(key, num_tasks, *data) -> Task``;
+      ``data`` (e.g. class-indexed images for :func:`metajax.tasks.episodes`)
+      is passed to every ``train_step`` call as a device array, not baked into
+      the compiled program.
     meta_batch_size: tasks per meta-iteration (static).
     iterations: meta-iterations fused into one call with ``lax.scan`` (static);
       >1 removes the per-call dispatch overhead.
 
   Returns:
-    ``train_step(state, key) -> (state, losses)``, jitted, with ``losses`` of
+    ``train_step(state, key, *data) -> (state, losses)``, jitted, with ``losses`` of
     shape ``(iterations,)``. It compiles once and never round-trips to the host.
     Iteration ``i`` samples its tasks from ``fold_in(key, i)``: with a fixed
     ``key`` the run is the same however iterations are grouped into calls
@@ -165,19 +197,19 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
   _common.check_positive_int("meta_batch_size", meta_batch_size)
   _common.check_positive_int("iterations", iterations)
 
-  def one_iteration(state: TrainState, key):
-    tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size)
+  def one_iteration(state: TrainState, key, data):
+    tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
     loss, grads = value_and_grad(state.meta_params, tasks)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     return TrainState(meta_params, opt_state, state.step + 1), loss
 
   @jax.jit
-  def train_step(state: TrainState, key):
+  def train_step(state: TrainState, key, *data):
     if iterations == 1:
-      state, loss = one_iteration(state, key)
+      state, loss = one_iteration(state, key, data)
       return state, loss[None]
-    return jax.lax.scan(lambda s, _: one_iteration(s, key), state, None, length=iterations)
+    return jax.lax.scan(lambda s, _: one_iteration(s, key, data), state, None, length=iterations)
 
   return train_step
 
@@ -206,7 +238,8 @@ def _erfinv(x: float) -> float:
 
 
 def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
-             level: float = 0.95) -> tuple[float, float]:
+             level: float = 0.95, chunk: int = 25,
+             task_batching: str = "auto") -> tuple[float, float]:
   """Mean and confidence half-width over tasks of ``metric_fn(adapt(params, support), query)``.
 
   Example:
@@ -216,6 +249,37 @@ def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
     >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 8)
     >>> mean, ci = metajax.meta.evaluate(adapt, loss, jnp.ones((1, 1)), tasks)
   """
-  per_task = jax.jit(jax.vmap(lambda p, t: metric_fn(adapt(p, t.support), t.query),
-                              in_axes=(None, 0)))(params, tasks)
+  per_task = evaluate_per_task(adapt, metric_fn, params, tasks, chunk=chunk,
+                               task_batching=task_batching)
   return confidence_interval(per_task, level)
+
+
+def evaluate_per_task(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
+                      chunk: int = 25, task_batching: str = "auto"):
+  """``metric_fn(adapt(params, support), query)`` for every task, ``chunk`` tasks per jitted call.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
+    >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
+    >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 8)
+    >>> metajax.meta.evaluate_per_task(adapt, loss, jnp.ones((1, 1)), tasks, chunk=4).shape
+    (8,)
+  """
+  _common.check_positive_int("chunk", chunk)
+  n = jax.tree.leaves(tasks)[0].shape[0]
+  mode = _task_batching(task_batching, metric_fn, params, tasks)
+
+  @jax.jit
+  def run(params, batch):
+    return _loops.map_tasks(lambda t: metric_fn(adapt(params, t.support), t.query), batch, mode)
+
+  parts = []
+  for start in range(0, n, chunk):
+    batch = jax.tree.map(lambda x: x[start:start + chunk], tasks)
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if size < chunk:  # pad the last chunk to reuse the compiled function
+      batch = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], chunk - size, 0)]),
+                           batch)
+    parts.append(run(params, batch)[:size])
+  return jnp.concatenate(parts)

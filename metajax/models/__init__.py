@@ -1,5 +1,16 @@
 """Paper architectures as ``(params, apply_fn)`` pairs, plus adapters for other module systems."""
 
+from metajax.models.adapters import from_equinox, from_nnx
+from metajax.models.conv import (
+    NORM_MODES,
+    BatchNorm,
+    Conv4,
+    ResNet12,
+    calibrate_batch_stats,
+    init_model,
+    select_step,
+)
 from metajax.models.mlp import MLP, make_mlp
 
-__all__ = ["MLP", "make_mlp"]
+__all__ = ["MLP", "NORM_MODES", "BatchNorm", "Conv4", "ResNet12", "calibrate_batch_stats",
+           "from_equinox", "from_nnx", "init_model", "make_mlp", "select_step"]

@@ -78,3 +78,39 @@ def repeat(step: Callable[[Any], tuple[Any, Any]], carry, length: int, unroll: i
       outputs.append(out)
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
   return jax.lax.scan(lambda c, _: step(c), carry, None, length=length, unroll=unroll)
+
+
+TASK_BATCHING = ("vmap", "unroll", "map")
+
+
+def choose_task_batching(loss_fn: Callable, params, batch) -> str:
+  """How ``task_batching="auto"`` maps a per-task function over the task axis.
+
+  Per-task convolution weights under ``vmap`` become grouped convolutions,
+  which XLA:CPU runs on a slow path (jax-ml/jax#13800), and convolutions in a
+  rolled ``lax.map`` run ~20x slower than unrolled ones: conv nets on CPU get
+  a Python loop over tasks inside one ``jit`` (``"unroll"``). Everything else
+  (MLPs anywhere, any model on GPU/TPU) is vectorized with ``vmap``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from metajax.solvers import choose_task_batching
+    >>> choose_task_batching(lambda p, b: jnp.sum(p * b), jnp.ones(3), jnp.ones(3))
+    'vmap'
+  """
+  if jax.default_backend() == "cpu" and uses_convolution(loss_fn, params, batch):
+    return "unroll"
+  return "vmap"
+
+
+def map_tasks(fn: Callable, tasks, mode: str):
+  """``fn`` over the leading task axis of ``tasks``: ``vmap``, a Python loop, or ``lax.map``."""
+  if mode == "vmap":
+    return jax.vmap(fn)(tasks)
+  if mode == "map":
+    return jax.lax.map(fn, tasks)
+  if mode == "unroll":
+    n = jax.tree.leaves(tasks)[0].shape[0]
+    outs = [fn(jax.tree.map(lambda x, i=i: x[i], tasks)) for i in range(n)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  raise ValueError(f"task_batching must be 'auto' or one of {TASK_BATCHING}, got {mode!r}.")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.solvers import _common, linear_solvers
+from metajax.solvers import _common, _loops, linear_solvers
 
 
 class ImplicitInfo(NamedTuple):
@@ -50,10 +50,14 @@ def _newton_cg_step(objective, phi, value, grad, cg_steps):
 
 
 def minimize(inner, *, steps: int, tol: float | None, step_size: float | None,
-             newton_cg_steps: int) -> Callable:
+             newton_cg_steps: int, unroll: bool | str = "auto") -> Callable:
   """Builds ``solve(objective, x0) -> (x, ImplicitInfo)`` for the chosen inner optimizer.
 
   Stops after ``steps`` iterations or when ``||grad|| <= tol * ||grad(x0)||``.
+  With ``tol=0`` (a fixed iteration count) the loop may be unrolled
+  (``unroll=True``, or ``"auto"`` for convolutions on CPU, where XLA runs
+  convolutions in rolled loops ~20x slower); no gradient flows through it, so
+  unrolling costs compile time, not memory.
   """
   if isinstance(inner, str):
     if inner not in INNER_CHOICES:
@@ -96,7 +100,19 @@ def minimize(inner, *, steps: int, tol: float | None, step_size: float | None,
       return i + 1, x, state, value, grad, value
 
     init = (jnp.zeros((), jnp.int32), x0, state0, value0, grad0, value0)
-    iterations, x, _, _, grad, _ = jax.lax.while_loop(cond, body, init)
+    fixed = tol == 0
+    if fixed and unroll == "auto":
+      unrolled_loop = jax.default_backend() == "cpu" and _loops.uses_convolution(
+          lambda p, _: objective(p), x0, None)
+    else:
+      unrolled_loop = fixed and unroll is True
+    if unrolled_loop:
+      carry = init
+      for _ in range(steps):
+        carry = body(carry)
+      iterations, x, _, _, grad, _ = carry
+    else:
+      iterations, x, _, _, grad, _ = jax.lax.while_loop(cond, body, init)
     residual = _common.tree_norm(grad)
     return x, ImplicitInfo(residual, iterations, residual <= threshold)
 

@@ -57,6 +57,7 @@ def unrolled(
     first_order: bool = False,
     remat: bool = False,
     unroll: int | bool | str = "auto",
+    step_aware: bool = False,
 ):
   """K inner steps, differentiated by backpropagation through the loop (MAML).
 
@@ -79,6 +80,9 @@ def unrolled(
     unroll: how the loop is written: ``True`` (Python loop, fully unrolled),
       an int (``lax.scan`` unrolled by that factor; ``1`` is a rolled scan),
       or ``"auto"`` (see :func:`metajax.solvers.choose_unroll`).
+    step_aware: call ``loss_fn(params, batch, step)`` with the inner step
+      index ``0..K-1`` (an int32 scalar), e.g. for MAML++'s per-step batch norm
+      with :func:`metajax.models.select_step`.
 
   Returns:
     ``adapt(params, support, *, step_size=None, return_info=False)`` returning
@@ -117,8 +121,8 @@ def unrolled(
                               params, dtype)
 
     def step(carry):
-      phi, opt_state = carry
-      loss, grads = value_and_grad(phi, support)
+      phi, opt_state, k = carry
+      loss, grads = value_and_grad(phi, support, *((k,) if step_aware else ()))
       if first_order:
         grads = jax.lax.stop_gradient(grads)
       if optimizer is None:
@@ -126,16 +130,18 @@ def unrolled(
       else:
         updates, opt_state = optimizer.update(grads, opt_state, phi)
         phi = optax.apply_updates(phi, updates)
-      return (phi, opt_state), loss
+      return (phi, opt_state, k + 1), loss
 
     if remat:
       step = jax.checkpoint(step)
     opt_state = None if optimizer is None else optimizer.init(params)
-    n_unroll = _loops.resolve_unroll(unroll, steps, loss_fn, params, support)
-    (phi, _), losses = _loops.repeat(step, (params, opt_state), steps, n_unroll)
+    probe = (lambda p, b: loss_fn(p, b, 0)) if step_aware else loss_fn
+    n_unroll = _loops.resolve_unroll(unroll, steps, probe, params, support)
+    carry = (params, opt_state, jnp.zeros((), jnp.int32))
+    (phi, _, k), losses = _loops.repeat(step, carry, steps, n_unroll)
     if not return_info:
       return phi
-    final_loss, grads = value_and_grad(phi, support)
+    final_loss, grads = value_and_grad(phi, support, *((k,) if step_aware else ()))
     return phi, UnrolledInfo(losses, final_loss, _common.tree_norm(grads))
 
   return adapt

@@ -1,0 +1,225 @@
+"""Few-shot classification: models, batch-norm modes, adapters, episodes, the jitted step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metajax
+from metajax.models import Conv4, ResNet12, init_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _class_images(num_classes=6, per_class=5, size=8):
+  """Class c, example e: constant image of value 10 c + e, with a marker pixel for rotations."""
+  images = np.zeros((num_classes, per_class, size, size, 1), np.uint8)
+  for c in range(num_classes):
+    for e in range(per_class):
+      images[c, e] = 10 * c + e
+      images[c, e, 0, 0] = 255
+  return jnp.asarray(images)
+
+
+def test_episodes_draw_distinct_classes_with_permuted_labels():
+  images = _class_images()
+  sample = jax.jit(metajax.tasks.episodes(ways=3, shots=2, queries=2), static_argnums=1)
+  tasks = sample(jax.random.key(0), 50, images)
+  xs, ls = tasks.support
+  xq, lq = tasks.query
+  assert xs.shape == (50, 6, 8, 8, 1) and xq.shape == (50, 6, 8, 8, 1) and xs.dtype == jnp.float32
+  values = np.round(np.asarray(xs[..., 1, 1, 0]) * 255).astype(int)  # 10 c + e
+  qvalues = np.round(np.asarray(xq[..., 1, 1, 0]) * 255).astype(int)
+  mappings = set()
+  for t in range(50):
+    classes = values[t] // 10
+    assert all(len(set(classes[ls[t] == k])) == 1 for k in range(3))  # one class per label
+    assert len(set(classes)) == 3  # distinct classes
+    for k in range(3):  # support and query examples of a class are distinct
+      assert not set(values[t][ls[t] == k]) & set(qvalues[t][lq[t] == k])
+    mappings.add(tuple(classes[ls[t] == k][0] for k in range(3)))
+  assert len(mappings) > 20  # labels are permuted per episode
+
+
+def test_episodes_rotations_add_rotated_classes():
+  images = _class_images(num_classes=2)
+  tasks = metajax.tasks.episodes(ways=8, shots=1, queries=1, rotations=True)(
+      jax.random.key(0), 4, images)
+  corners = np.asarray(tasks.support[0][..., 0])  # marker at (0, 0) moves with rotation
+  marked = {(int(np.argmax(img.max(1))), int(np.argmax(img.max(0)))) for t in corners for img in t}
+  assert marked == {(0, 0), (0, 7), (7, 0), (7, 7)}
+
+
+def test_episodes_errors_name_the_problem():
+  images = _class_images()
+  with pytest.raises(ValueError, match="ways=7 exceeds the 6 classes"):
+    metajax.tasks.episodes(ways=7, shots=1, queries=1)(jax.random.key(0), 2, images)
+  with pytest.raises(ValueError, match="shots \\+ queries = 6 exceeds the 5"):
+    metajax.tasks.episodes(ways=2, shots=3, queries=3)(jax.random.key(0), 2, images)
+  with pytest.raises(ValueError, match="images must have shape"):
+    metajax.tasks.episodes(ways=2, shots=1, queries=1)(jax.random.key(0), 2, images[0])
+
+
+@pytest.mark.parametrize("module,shape,out", [
+    (Conv4(5, filters=8), (28, 28, 1), (2, 5)),
+    (Conv4(20, filters=8, strided=True), (28, 28, 1), (2, 20)),
+    (Conv4(5, filters=8), (84, 84, 3), (2, 5)),
+    (ResNet12(5, widths=(4, 4, 8, 8)), (84, 84, 3), (2, 5)),
+])
+def test_models_shapes(module, shape, out):
+  params, apply_fn = init_model(module, jax.random.key(0), shape)
+  assert apply_fn(params, jnp.ones((2, *shape))).shape == out
+
+
+def test_conv4_is_mamls_architecture():
+  params, _ = init_model(Conv4(5), jax.random.key(0), (84, 84, 3))
+  assert [params[f"Conv_{i}"]["kernel"].shape for i in range(4)] == [
+      (3, 3, 3, 64), (3, 3, 64, 64), (3, 3, 64, 64), (3, 3, 64, 64)]
+  assert params["Dense_0"]["kernel"].shape == (5 * 5 * 64, 5)  # 84 -> 42 -> 21 -> 10 -> 5
+  mini, _ = init_model(Conv4(5, filters=32), jax.random.key(0), (84, 84, 3))
+  assert mini["Dense_0"]["kernel"].shape == (800, 5)  # MAML miniImageNet: 5 x 5 x 32
+  omniglot, _ = init_model(Conv4(5, strided=True), jax.random.key(0), (28, 28, 1))
+  assert omniglot["Dense_0"]["kernel"].shape == (2 * 2 * 64, 5)  # 28 -> 14 -> 7 -> 4 -> 2
+
+
+def test_transductive_and_frozen_batch_norm():
+  x = jax.random.normal(jax.random.key(1), (16, 4, 4, 3)) * 5 + 2
+  bn = metajax.models.BatchNorm("transductive")
+  params = bn.init(jax.random.key(0), x)["params"]
+  y = bn.apply({"params": params}, x)
+  np.testing.assert_allclose(y.mean((0, 1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(y.var((0, 1, 2)), 1, atol=1e-3)
+
+  frozen = metajax.models.BatchNorm("frozen")
+  fparams = frozen.init(jax.random.key(0), x)["params"]
+  fparams = {**fparams, "mean": jnp.full(3, 2.0), "var": jnp.full(3, 25.0)}
+  grads = jax.grad(lambda p: jnp.sum(frozen.apply({"params": p}, x) ** 2))(fparams)
+  assert float(jnp.abs(grads["mean"]).max()) == 0 and float(jnp.abs(grads["var"]).max()) == 0
+  assert float(jnp.abs(grads["scale"]).max()) > 0
+  # Frozen statistics do not follow the batch: a shifted batch stays shifted.
+  shifted = frozen.apply({"params": fparams}, x + 10.0)
+  assert float(shifted.mean()) > 1.5
+
+
+def test_calibrate_batch_stats_matches_batch_statistics():
+  images = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+  params, apply_fn = init_model(Conv4(5, filters=4, norm="frozen", blocks=2), jax.random.key(0),
+                                (8, 8, 1))
+  calibrated = metajax.models.calibrate_batch_stats(params, apply_fn, images)
+  _, transductive_apply = init_model(Conv4(5, filters=4, blocks=2), jax.random.key(0), (8, 8, 1))
+  without = {k: ({kk: vv for kk, vv in v.items() if kk not in ("mean", "var")}
+                 if k.startswith("BatchNorm") else v) for k, v in calibrated.items()}
+  np.testing.assert_allclose(apply_fn(calibrated, images), transductive_apply(without, images),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_per_step_batch_norm_with_step_aware_unrolled_solver():
+  module = Conv4(3, filters=4, norm="per_step", num_steps=3, blocks=2)
+  params, apply_fn = init_model(module, jax.random.key(0), (8, 8, 1))
+  assert params["BatchNorm_0"]["scale"].shape == (3, 4)
+  x = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+  labels = jnp.arange(6) % 3
+  loss = lambda p, b, step: metajax.meta.cross_entropy_loss(apply_fn)(
+      metajax.models.select_step(p, step), b)
+  adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.5, step_aware=True)
+  phi = adapt(params, (x, labels))
+  # Steps 0 and 1 adapted their own rows; row 2 (unused in the inner loop) is unchanged.
+  delta = jnp.abs(phi["BatchNorm_0"]["bias"] - params["BatchNorm_0"]["bias"]).sum(1)
+  assert float(delta[0]) > 0 and float(delta[1]) > 0 and float(delta[2]) == 0
+
+
+def test_nnx_and_equinox_adapters_adapt_like_raw_params():
+  import equinox as eqx
+  from flax import nnx
+
+  x = jax.random.normal(jax.random.key(0), (10, 3))
+  y = jax.random.normal(jax.random.key(1), (10, 2))
+  raw_loss = lambda p, b: jnp.mean((b[0] @ p["w"] + p["b"] - b[1]) ** 2)
+  raw_adapt = metajax.solvers.unrolled(raw_loss, steps=3, step_size=0.1)
+  for params, apply_fn, to_raw in [
+      (*metajax.models.from_nnx(nnx.Linear(3, 2, rngs=nnx.Rngs(0))),
+       lambda p: {"w": p["kernel"][...], "b": p["bias"][...]}),
+      (*metajax.models.from_equinox(eqx.nn.Linear(3, 2, key=jax.random.key(0))),
+       lambda p: {"w": p.weight.T, "b": p.bias}),
+  ]:
+    adapt = metajax.solvers.unrolled(metajax.meta.mse_loss(apply_fn), steps=3, step_size=0.1)
+    phi = adapt(params, (x, y))
+    expected = raw_adapt(to_raw(params), (x, y))
+    chex.assert_trees_all_close(to_raw(phi), expected, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda p: metajax.meta.mse_loss(apply_fn)(adapt(p, (x, y)), (x, y)))(params)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+
+
+def _conv_setup(meta_batch=3):
+  images = jax.device_put(_class_images(num_classes=6, per_class=5, size=8))
+  params, apply_fn = init_model(Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1))
+  loss = metajax.meta.cross_entropy_loss(apply_fn)
+  sample = metajax.tasks.episodes(ways=3, shots=1, queries=2)
+  return images, params, loss, sample
+
+
+@pytest.mark.parametrize("mode", ["unroll", "map"])
+def test_task_batching_modes_give_vmaps_numbers(mode):
+  images, params, loss, sample = _conv_setup()
+  tasks = sample(jax.random.key(0), 3, images)
+  adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.4)
+  grads = {m: jax.jit(jax.grad(metajax.meta.meta_objective(adapt, loss, task_batching=m)))(
+      params, tasks) for m in ("vmap", mode)}
+  chex.assert_trees_all_close(grads[mode], grads["vmap"], rtol=2e-4, atol=1e-6)
+
+
+def test_auto_task_batching_picks_unroll_for_convs_on_cpu():
+  images, params, loss, sample = _conv_setup()
+  support = jax.tree.map(lambda x: x[0], sample(jax.random.key(0), 1, images).support)
+  assert metajax.solvers.choose_task_batching(loss, params, support) == "unroll"
+
+
+@pytest.mark.parametrize("solver", ["maml", "imaml"])
+def test_fewshot_train_step_compiles_once_and_copies_no_images(solver):
+  images, params, loss, sample = _conv_setup()
+  if solver == "maml":
+    adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.4)
+  else:
+    adapt = metajax.solvers.implicit(loss, reg=2.0, inner="gd", inner_step_size=0.4,
+                                     inner_steps=3, inner_tol=0.0)
+  optimizer = optax.adam(1e-3)
+  step = metajax.meta.make_train_step(
+      jax.value_and_grad(metajax.meta.meta_objective(adapt, loss)), optimizer, sample,
+      meta_batch_size=3)
+  state = metajax.meta.init_train_state(params, optimizer)
+  key = jax.random.key(0)
+  state, _ = step(state, key, images)
+  with jax.transfer_guard("disallow"):  # images already on device: no host-to-device copy
+    for _ in range(3):
+      state, losses = step(state, key, images)
+  assert step._cache_size() == 1 and int(state.step) == 4
+  assert bool(jnp.isfinite(losses).all())
+
+
+def test_fewshot_experiment_checkpoints_and_resumes(tmp_path):
+  script = os.path.join(ROOT, "experiments", "fewshot.py")
+  common = [sys.executable, script, "--meta-batch", "2", "--eval-tasks", "10",
+            "--checkpoint-every", "2"]
+  run = lambda out, iters: subprocess.run(common + ["--iterations", str(iters), "--out", str(out)],
+                                          capture_output=True, text=True, timeout=900)
+  first = run(tmp_path / "resumed", 2)
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = run(tmp_path / "resumed", 4)  # resumes from iteration 2
+  assert second.returncode == 0, second.stderr[-2000:]
+  straight = run(tmp_path / "straight", 4)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().split("\n")
+           if x]
+  assert [x["resumed_from"] for x in lines if x["event"] == "config"] == [0, 2]
+  assert [x["iteration"] for x in lines if x["event"] == "train"] == [1, 2, 3, 4]
+  resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
+  fresh = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert resumed["accuracy"] == pytest.approx(fresh["accuracy"], abs=1e-6)
+  assert (tmp_path / "resumed" / "training.png").exists()
