@@ -22,6 +22,8 @@ def add_solver_flags(parser, *, inner_steps: int, inner_lr: float) -> None:
   parser.add_argument("--inner-lr", type=float, default=inner_lr)
   parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
   parser.add_argument("--cg-steps", type=int, default=5, help="iMAML linear-solve iterations")
+  parser.add_argument("--cg-ridge", type=float, default=0.0,
+                      help="iMAML linear-solve damping (official code: 1.0)")
   parser.add_argument("--t1", type=float, default=None,
                       help="adjoint horizon (default inner_steps * inner_lr)")
 
@@ -38,7 +40,8 @@ def make_adapt(args, loss_fn):
   if args.solver == "imaml":
     return s.implicit(loss_fn, reg=args.reg, inner="gd", inner_steps=args.inner_steps,
                       inner_step_size=args.inner_lr, inner_tol=0.0,
-                      linear_solver=s.linear_solvers.cg(maxiter=args.cg_steps, tol=0.0)), ()
+                      linear_solver=s.linear_solvers.cg(maxiter=args.cg_steps, tol=0.0,
+                                                        ridge=getattr(args, "cg_ridge", 0.0))), ()
   if args.solver == "adjoint":
     t1 = args.t1 if args.t1 is not None else args.inner_steps * args.inner_lr
     return s.adjoint(loss_fn, t1=t1), ()

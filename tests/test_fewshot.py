@@ -157,22 +157,24 @@ def test_nnx_and_equinox_adapters_adapt_like_raw_params():
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
 
 
-def _conv_setup(meta_batch=3):
+def _conv_setup(dtype=jnp.float32):
   images = jax.device_put(_class_images(num_classes=6, per_class=5, size=8))
-  params, apply_fn = init_model(Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1))
+  params, apply_fn = init_model(Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1),
+                                dtype=dtype)
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
   loss = metajax.meta.cross_entropy_loss(apply_fn)
-  sample = metajax.tasks.episodes(ways=3, shots=1, queries=2)
+  sample = metajax.tasks.episodes(ways=3, shots=1, queries=2, dtype=dtype)
   return images, params, loss, sample
 
 
 @pytest.mark.parametrize("mode", ["unroll", "map"])
 def test_task_batching_modes_give_vmaps_numbers(mode):
-  images, params, loss, sample = _conv_setup()
+  images, params, loss, sample = _conv_setup(jnp.float64)
   tasks = sample(jax.random.key(0), 3, images)
   adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.4)
   grads = {m: jax.jit(jax.grad(metajax.meta.meta_objective(adapt, loss, task_batching=m)))(
       params, tasks) for m in ("vmap", mode)}
-  chex.assert_trees_all_close(grads[mode], grads["vmap"], rtol=2e-4, atol=1e-6)
+  chex.assert_trees_all_close(grads[mode], grads["vmap"], rtol=1e-9, atol=1e-12)
 
 
 def test_auto_task_batching_picks_unroll_for_convs_on_cpu():

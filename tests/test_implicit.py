@@ -145,3 +145,16 @@ def test_compiled_memory_does_not_grow_with_inner_steps():
   sizes = [int(subprocess.check_output([sys.executable, "-c", MEMORY_SCRIPT, str(k)]))
            for k in (10, 400)]
   assert sizes[1] <= 1.0 * sizes[0]
+
+
+def test_ridge_solves_the_damped_system():
+  problem = linreg.Problem()
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0,
+                                   linear_solver=linear_solvers.cg(ridge=0.5))
+  phi, jac, _ = problem.proximal(2.0)
+  # (I + H/reg + ridge I) g = v  =>  g = ((1 + ridge) I + A/reg)^-1 v
+  v = problem.query_grad(phi)
+  expected = np.linalg.solve(1.5 * np.eye(5) + problem.A / 2.0, v)
+  assert linreg.rel_err(linreg.flat(_meta_grad(adapt, problem)), expected) <= 1e-8
+  with pytest.raises(ValueError, match="ridge must be"):
+    linear_solvers.cg(ridge=-1.0)

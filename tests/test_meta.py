@@ -136,3 +136,14 @@ def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path):
   assert [line["event"] for line in lines] == ["config", "train", "train", "eval"]
   assert (out / "adaptation.png").stat().st_size > 1000
   assert "| 10 |" in run.stdout
+
+
+def test_cosmixture_experiment_compares_all_solvers(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "cosmixture.py"), "--iterations", "20",
+         "--chunk", "10", "--eval-tasks", "20", "--inner-steps", "3", "--out", str(tmp_path)]
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["solver"] for r in rows] == ["maml", "fomaml", "imaml", "adjoint"]
+  assert all(np.isfinite(r["rmse"]) and r["ci95"] > 0 for r in rows)
+  assert "| adjoint |" in run.stdout

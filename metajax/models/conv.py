@@ -43,7 +43,7 @@ class BatchNorm(nn.Module):
     shape = (self.num_steps, features) if self.mode == "per_step" else (features,)
     scale = self.param("scale", nn.initializers.ones, shape, x.dtype)
     bias = self.param("bias", nn.initializers.zeros, shape, x.dtype)
-    if self.mode == "per_step":  # select_step has sliced the step's entry into row 0
+    if self.mode == "per_step":  # select_step has rotated the step's entry into row 0
       scale, bias = scale[0], bias[0]
     axes = tuple(range(x.ndim - 1))
     if self.mode == "frozen":
@@ -151,7 +151,7 @@ def _is_per_step_leaf(path) -> bool:
 
 
 def select_step(params, step: int | jax.Array):
-  """Slices per-step batch-norm parameters to the entry of inner step ``step``.
+  """Rotates per-step batch-norm parameters so that inner step ``step``'s entry is row 0.
 
   Use inside a loss for MAML++-style per-step batch norm (``norm="per_step"``).
 
@@ -164,8 +164,7 @@ def select_step(params, step: int | jax.Array):
     (2, 5)
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.lax.dynamic_slice_in_dim(x, step, 1, 0)
-      if _is_per_step_leaf(path) else x, params)
+      lambda path, x: jnp.roll(x, -step, axis=0) if _is_per_step_leaf(path) else x, params)
 
 
 def calibrate_batch_stats(params, apply_fn: Callable, images):

@@ -69,7 +69,8 @@ def implicit(
     inner_step_size: step size for ``inner="gd"``.
     newton_cg_steps: CG iterations per Newton step for ``inner="newton_cg"``.
     linear_solver: ``solve(matvec, b)`` for the backward pass; default
-      :func:`linear_solvers.cg`. iMAML's setting is ``linear_solvers.cg(maxiter=5, tol=0)``.
+      :func:`linear_solvers.cg`. iMAML's setting is ``linear_solvers.cg(maxiter=5, tol=0)``
+      (its official code also damps the system: ``ridge=1.0``).
     throw: raise a ``RuntimeError`` (a ``JaxRuntimeError`` under ``jit``)
       naming the stage and the residual reached when the inner solve or the
       linear solve misses its tolerance.
@@ -120,7 +121,8 @@ def implicit(
   def backward_solve(phi, theta, support, reg_, cotangent):
     matvec = lambda u: jax.jvp(lambda p: optimality(p, theta, support, reg_), (phi,), (u,))[1]
     u = linear_solver(matvec, cotangent)
-    residual = _common.tree_norm(_common.tree_sub(matvec(u), cotangent))
+    solved = linear_solver.damped(matvec) if hasattr(linear_solver, "damped") else matvec
+    residual = _common.tree_norm(_common.tree_sub(solved(u), cotangent))
     rel = residual / jnp.maximum(_common.tree_norm(cotangent), jnp.finfo(residual.dtype).tiny)
     tol = linear_solver.resolved_tol(cotangent) if hasattr(linear_solver, "resolved_tol") else 0.0
     converged = rel <= 10 * tol if tol > 0 else jnp.ones((), bool)

@@ -4,7 +4,10 @@ Each factory fixes the iteration cap and tolerance and returns a
 :class:`LinearSolver`, a callable that the implicit solver uses in its backward
 pass. ``tol=None`` picks a tolerance from the dtype of ``b`` (1e-10 in float64,
 1e-6 in float32); ``tol=0`` runs exactly ``maxiter`` iterations, as in iMAML's
-"5 CG steps".
+"5 CG steps". ``ridge`` solves ``(A + ridge I) x = b`` instead: a damped
+system, as iMAML's official code (``cg_damping``) uses to keep CG stable when
+the inner Hessian is indefinite; it biases the meta-gradient, so the default
+is 0.
 """
 
 from __future__ import annotations
@@ -33,17 +36,26 @@ class LinearSolver:
   maxiter: int | None
   tol: float | None
   method: Callable = dataclasses.field(repr=False)
+  ridge: float = 0.0
 
   def resolved_tol(self, b) -> float:
     if self.tol is not None:
       return self.tol
     return _common.default_tol(_common.params_dtype(b), float64=1e-10, float32=1e-6)
 
+  def damped(self, matvec: Callable) -> Callable:
+    """``matvec`` plus ``ridge`` times the identity: the operator actually solved."""
+    if not self.ridge:
+      return matvec
+    return lambda x: _common.tree_axpy(self.ridge, x, matvec(x))
+
   def __call__(self, matvec: Callable, b):
-    return self.method(matvec, b, maxiter=self.maxiter, tol=self.resolved_tol(b))
+    return self.method(self.damped(matvec), b, maxiter=self.maxiter, tol=self.resolved_tol(b))
 
 
-def _check(maxiter, tol):
+def _check(maxiter, tol, ridge=0.0):
+  if not isinstance(ridge, (int, float)) or ridge < 0:
+    raise ValueError(f"ridge must be a float >= 0, got {ridge!r}.")
   if maxiter is not None:
     _common.check_positive_int("maxiter", maxiter)
   if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
@@ -51,10 +63,12 @@ def _check(maxiter, tol):
 
 
 def _jaxopt(name: str, fn: Callable) -> Callable:
-  def factory(*, maxiter: int | None = None, tol: float | None = None) -> LinearSolver:
-    _check(maxiter, tol)
+  def factory(*, maxiter: int | None = None, tol: float | None = None,
+              ridge: float = 0.0) -> LinearSolver:
+    _check(maxiter, tol, ridge)
     return LinearSolver(name, maxiter, tol,
-                        lambda matvec, b, maxiter, tol: fn(matvec, b, maxiter=maxiter, tol=tol))
+                        lambda matvec, b, maxiter, tol: fn(matvec, b, maxiter=maxiter, tol=tol),
+                        float(ridge))
   factory.__name__ = name
   factory.__doc__ = (
       f"jaxopt's ``{fn.__name__}`` with an iteration cap and tolerance.\n\n"
@@ -74,7 +88,7 @@ gmres = _jaxopt("gmres", jaxopt.linear_solve.solve_gmres)
 bicgstab = _jaxopt("bicgstab", jaxopt.linear_solve.solve_bicgstab)
 
 
-def neumann(*, terms: int = 20, scale: float = 1.0) -> LinearSolver:
+def neumann(*, terms: int = 20, scale: float = 1.0, ridge: float = 0.0) -> LinearSolver:
   """Truncated Neumann series ``x = scale * sum_k (I - scale A)^k b``.
 
   Converges when the eigenvalues of ``scale * A`` lie in (0, 2). For the
@@ -89,6 +103,7 @@ def neumann(*, terms: int = 20, scale: float = 1.0) -> LinearSolver:
     [0.4, 0.4]
   """
   _common.check_positive_int("terms", terms)
+  _check(None, None, ridge)
   if not scale > 0:
     raise ValueError(f"scale must be > 0, got {scale!r}.")
 
@@ -98,4 +113,4 @@ def neumann(*, terms: int = 20, scale: float = 1.0) -> LinearSolver:
       return _common.tree_axpy(scale, _common.tree_sub(b, matvec(x)), x)
     return jax.lax.fori_loop(0, maxiter, body, jax.tree.map(lambda v: v * 0, b))
 
-  return LinearSolver("neumann", terms, 0.0, method)
+  return LinearSolver("neumann", terms, 0.0, method, float(ridge))

@@ -1,0 +1,98 @@
+"""A-MAML's CosMixture regression: MAML vs first-order MAML vs iMAML vs the adjoint solver.
+
+Tasks ``y = -c cos(f pi x + p) - x^2`` (c in [0.1, 1], p in [0.5, 2], f in [3, 6],
+x in [-1, 1]; Li et al. 2021). Model: MLP 1-32-32-1 tanh (A-MAML's). Each
+solver is meta-trained with the same budget (Adam, meta-batch 10) and adapts
+with its own inner solver at test time; the table reports query RMSE after
+adaptation over the test tasks with 95% confidence intervals.
+
+Inner problem: K=20 steps of 0.05 (unrolled), the gradient flow to t1 = 1.0
+(adjoint, Tsit5, checkpoint adjoint), and iMAML's proximal problem with reg=1
+(A-MAML's code uses the same proximal strength) solved by 20 GD steps of 0.05
+with 5 CG steps.
+
+Run: ``python experiments/cosmixture.py [--iterations 2000] [--solvers maml,fomaml,imaml,adjoint]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import metajax  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--solvers", default="maml,fomaml,imaml,adjoint")
+  p.add_argument("--iterations", type=int, default=2000)
+  p.add_argument("--chunk", type=int, default=100)
+  p.add_argument("--meta-batch", type=int, default=10)
+  p.add_argument("--shots", type=int, default=20)
+  p.add_argument("--inner-steps", type=int, default=20)
+  p.add_argument("--inner-lr", type=float, default=0.05)
+  p.add_argument("--reg", type=float, default=1.0)
+  p.add_argument("--eval-tasks", type=int, default=600)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="runs/cosmixture")
+  return p.parse_args(argv)
+
+
+def run_solver(solver, args, params, apply_fn, keys):
+  loss_fn = metajax.meta.mse_loss(apply_fn)
+  sargs = argparse.Namespace(solver=solver, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+                             reg=args.reg, cg_steps=5, t1=None)
+  adapt, learn = common.make_adapt(sargs, loss_fn)
+  optimizer = optax.adam(1e-3)
+  family = metajax.tasks.cos_mixture(num_support=args.shots, num_query=args.shots)
+  train_step = metajax.meta.make_train_step(
+      common.value_and_grad_for(sargs, adapt, loss_fn, learn), optimizer, family,
+      meta_batch_size=args.meta_batch, iterations=args.chunk)
+  state = metajax.meta.init_train_state(params, optimizer)
+  start = time.time()
+  for _ in range(args.iterations // args.chunk):
+    state, _ = train_step(state, keys[0])
+  seconds = time.time() - start
+  rmse = lambda p, batch: jnp.sqrt(loss_fn(p, batch))
+  test_tasks = family(keys[1], args.eval_tasks)
+  mean, ci = metajax.meta.evaluate(adapt, rmse, state.meta_params, test_tasks, chunk=100)
+  before, before_ci = metajax.meta.evaluate(lambda p, s: p, rmse, state.meta_params, test_tasks,
+                                            chunk=100)
+  return {"solver": solver, "rmse": mean, "ci95": ci, "rmse_before": before,
+          "ci95_before": before_ci, "train_seconds": seconds}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  key_init, key_train, key_eval = jax.random.split(jax.random.key(args.seed), 3)
+  params, apply_fn = metajax.models.make_mlp(key_init, 1, (32, 32, 1), activation=jnp.tanh)
+  rows = []
+  for solver in args.solvers.split(","):
+    rows.append(run_solver(solver, args, params, apply_fn, (key_train, key_eval)))
+    print(rows[-1], flush=True)
+  result = {"rows": rows, "args": vars(args), **common.environment()}
+  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  print(f"\nCosMixture, {args.shots}-shot, {args.iterations} meta-iterations, "
+        f"{args.eval_tasks} test tasks")
+  print("| solver | query RMSE after adaptation (95% CI) | before adaptation | train (s) |")
+  print("|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['solver']} | {r['rmse']:.3f} ± {r['ci95']:.3f} | {r['rmse_before']:.3f} ± "
+          f"{r['ci95_before']:.3f} | {r['train_seconds']:.0f} |")
+  return result
+
+
+if __name__ == "__main__":
+  main()
