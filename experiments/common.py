@@ -110,8 +110,11 @@ class _PlainProgress:
     pass
 
 
-def save_plot(path: str, draw) -> bool:
-  """Calls ``draw(plt)`` and saves a PNG; returns False when matplotlib is missing."""
+def save_plot(path: str, draw, *, panels: int | None = None) -> bool:
+  """Calls ``draw(plt)`` (or ``draw(axes)`` with ``panels`` side-by-side axes) and saves a PNG.
+
+  Returns False when matplotlib is missing.
+  """
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -119,9 +122,32 @@ def save_plot(path: str, draw) -> bool:
   except ImportError:
     print("matplotlib not installed: skipping", path, file=sys.stderr)
     return False
-  fig = plt.figure(figsize=(6, 4))
-  draw(plt)
+  if panels:
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4))
+    draw(axes)
+  else:
+    fig = plt.figure(figsize=(6, 4))
+    draw(plt)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
+
+
+def compiled_peak_bytes(compiled) -> int:
+  """XLA's buffer assignment for a compiled function: temp + arguments + outputs."""
+  mem = compiled.memory_analysis()
+  return mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+
+
+def time_calls(fn, *args, repeats: int, warmup: int = 1):
+  """Quartiles (q1, median, q3) in milliseconds of ``repeats`` blocking calls of ``fn(*args)``."""
+  import numpy as np
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return tuple(np.percentile(np.asarray(times) * 1e3, [25, 50, 75]))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import jax
 
@@ -49,19 +48,10 @@ def cost_vs_horizon():
                                       max_steps=4096)
       f = jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))
       compiled = f.lower(params).compile()
-      mem = compiled.memory_analysis()
-      peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
       _, info = jax.jit(lambda p: adapt(p, support, return_info=True))(params)
-      jax.block_until_ready(compiled(params))
-      times = []
-      for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params))
-        times.append(time.perf_counter() - start)
-      q1, med, q3 = np.percentile(np.asarray(times) * 1e3, [25, 50, 75])
+      q1, med, q3 = common.time_calls(compiled, params, repeats=3)
       rows.append(dict(method=method, t1=t1, steps=int(info.num_steps), ok=bool(info.success),
-                       mb=peak / 2 ** 20,
-                       ms=med, q1=q1, q3=q3))
+                       mb=common.compiled_peak_bytes(compiled) / 2 ** 20, ms=med, q1=q1, q3=q3))
       print(rows[-1], flush=True)
   return rows
 
@@ -137,27 +127,17 @@ def main():
   print(text)
   with open(os.path.join(HERE, "adjoint_methods.md"), "w", encoding="utf-8") as f:
     f.write(text)
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  for m in METHODS:
-    rows = [r for r in cost if r["method"] == m]
-    axes[0].plot([r["t1"] for r in rows], [r["ms"] for r in rows], marker="o", label=m)
-    rows = [r for r in by_tol if r["method"] == m]
-    axes[1].plot([r["tol"] for r in rows], [r["err"] for r in rows], marker="o", label=m)
-    rows = [r for r in by_t1 if r["method"] == m]
-    axes[2].plot([r["t1"] for r in rows], [r["err"] for r in rows], marker="o", label=m)
-  axes[0].set(xscale="log", yscale="log", xlabel="t1", ylabel="ms per meta-gradient")
-  axes[1].set(xscale="log", yscale="log", xlabel="rtol = atol", ylabel="relative gradient error")
-  axes[2].set(xscale="log", yscale="log", xlabel="t1", ylabel="relative gradient error")
-  axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(HERE, "adjoint_methods.png"), dpi=110)
-
+  def draw(axes):
+    for m in METHODS:
+      for ax, rows, x, y in ((axes[0], cost, "t1", "ms"), (axes[1], by_tol, "tol", "err"),
+                             (axes[2], by_t1, "t1", "err")):
+        rows = [r for r in rows if r["method"] == m]
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", label=m)
+    axes[0].set(xscale="log", yscale="log", xlabel="t1", ylabel="ms per meta-gradient")
+    axes[1].set(xscale="log", yscale="log", xlabel="rtol = atol", ylabel="relative gradient error")
+    axes[2].set(xscale="log", yscale="log", xlabel="t1", ylabel="relative gradient error")
+    axes[0].legend()
+  common.save_plot(os.path.join(HERE, "adjoint_methods.png"), draw, panels=3)
 
 if __name__ == "__main__":
   main()

@@ -23,9 +23,11 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+
 STEPS = (10, 50, 100, 200, 400)
 SOLVERS = ("unrolled", "unrolled+remat", "implicit")
 
@@ -33,7 +35,6 @@ SOLVERS = ("unrolled", "unrolled+remat", "implicit")
 def measure(solver: str, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   import metajax
 
@@ -50,16 +51,8 @@ def measure(solver: str, steps: int) -> dict:
                                      remat=solver.endswith("remat"))
   meta_grad = jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))
   compiled = meta_grad.lower(params).compile()
-  mem = compiled.memory_analysis()
-  xla_peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  for _ in range(3):
-    jax.block_until_ready(compiled(params))
-  times = []
-  for _ in range(20):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params))
-    times.append(time.perf_counter() - start)
-  q1, med, q3 = np.percentile(np.asarray(times) * 1e3, [25, 50, 75])
+  xla_peak = common.compiled_peak_bytes(compiled)
+  q1, med, q3 = common.time_calls(compiled, params, repeats=20, warmup=3)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   n_params = sum(x.size for x in jax.tree.leaves(params))
   del jnp
@@ -100,23 +93,15 @@ def main():
   print(text)
   with open(os.path.join(HERE, "memory_vs_steps.md"), "w", encoding="utf-8") as f:
     f.write(text)
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for solver in SOLVERS:
-    rows = [r for r in results if r["solver"] == solver]
-    axes[0].plot(STEPS, [mb(r["xla_peak"]) for r in rows], marker="o", label=solver)
-    axes[1].plot(STEPS, [r["ms"] for r in rows], marker="o", label=solver)
-  axes[0].set(xlabel="inner steps K", ylabel="XLA peak memory (MB)", yscale="log")
-  axes[1].set(xlabel="inner steps K", ylabel="time per meta-gradient (ms)")
-  axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(HERE, "memory_vs_steps.png"), dpi=110)
-
+  def draw(axes):
+    for solver in SOLVERS:
+      rows = [r for r in results if r["solver"] == solver]
+      axes[0].plot(STEPS, [mb(r["xla_peak"]) for r in rows], marker="o", label=solver)
+      axes[1].plot(STEPS, [r["ms"] for r in rows], marker="o", label=solver)
+    axes[0].set(xlabel="inner steps K", ylabel="XLA peak memory (MB)", yscale="log")
+    axes[1].set(xlabel="inner steps K", ylabel="time per meta-gradient (ms)")
+    axes[0].legend()
+  common.save_plot(os.path.join(HERE, "memory_vs_steps.png"), draw, panels=2)
 
 if __name__ == "__main__":
   if len(sys.argv) == 4 and sys.argv[1] == "--child":
