@@ -12,8 +12,6 @@ from PIL import Image, ImageDraw
 import metajax
 from metajax.data import omniglot
 
-tfds = pytest.importorskip("tensorflow_datasets")  # in the [test] extra: never skipped in CI
-
 
 def _stroke_png(character: int, drawer: int) -> bytes:
   """A 105x105 Omniglot-like drawing: black strokes on white, position set by the ids."""
@@ -82,6 +80,7 @@ def test_omniglot_archive_table_matches_reference():
 
 
 def test_omniglot_tfds_path_on_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")  # in the [test] extra: runs in CI
   characters, drawers = 9, 20
 
   def as_data_source(self, split, **kwargs):
