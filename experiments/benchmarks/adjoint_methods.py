@@ -32,8 +32,8 @@ import metajax  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("checkpoint", "backsolve")
-HORIZONS = (0.05, 0.1, 0.2, 0.4, 0.8)  # MAML-scale: K steps of 0.01 is t1 = 0.01 K
-TOLERANCES = (1e-3, 1e-5, 1e-7, 1e-9, 1e-11)
+HORIZONS = (0.05, 0.1, 0.2)  # MAML-scale: K steps of 0.01 is t1 = 0.01 K
+TOLERANCES = (1e-3, 1e-5, 1e-7, 1e-9)
 
 
 def cost_vs_horizon():
@@ -49,7 +49,7 @@ def cost_vs_horizon():
       f = jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))
       compiled = f.lower(params).compile()
       _, info = jax.jit(lambda p: adapt(p, support, return_info=True))(params)
-      q1, med, q3 = common.time_calls(compiled, params, repeats=3)
+      q1, med, q3 = common.time_calls(compiled, params, repeats=1)
       rows.append(dict(method=method, t1=t1, steps=int(info.num_steps), ok=bool(info.success),
                        mb=common.compiled_peak_bytes(compiled) / 2 ** 20, ms=med, q1=q1, q3=q3))
       print(rows[-1], flush=True)
@@ -87,7 +87,7 @@ def error_vs_tolerance_and_horizon():
 
   by_tol = [dict(method=m, tol=tol, err=error(m, 1.0, tol)) for m in METHODS for tol in TOLERANCES]
   by_t1 = [dict(method=m, t1=t1, err=error(m, t1, 1e-8)) for m in METHODS
-           for t1 in (1.0, 10.0, 100.0, 1000.0)]
+           for t1 in (1.0, 10.0, 100.0)]
   return by_tol, by_t1
 
 
@@ -103,7 +103,7 @@ def main():
       "",
       "## Cost vs horizon (MLP 1-256-256-1, float32, Tsit5, rtol = atol = 1e-6, max_steps 4096)",
       "",
-      "| adjoint | t1 | ODE steps | reached t1 | XLA peak (MB) | time (ms, median, IQR of 3) |",
+      "| adjoint | t1 | ODE steps | reached t1 | XLA peak (MB) | time (ms, 1 run after warm-up) |",
       "|---|---|---|---|---|---|",
       *[f"| {r['method']} | {r['t1']:g} | {r['steps']} | {r['ok']} | {r['mb']:.1f} | "
         f"{r['ms']:.1f} ({r['q1']:.1f}-{r['q3']:.1f}) |" for r in cost],
@@ -120,7 +120,7 @@ def main():
       "| t1 | " + " | ".join(METHODS) + " |",
       "|---|" + "---|" * len(METHODS),
       *[f"| {t1:g} | " + " | ".join(f"{r['err']:.2e}" for r in by_t1 if r['t1'] == t1) + " |"
-        for t1 in (1.0, 10.0, 100.0, 1000.0)],
+        for t1 in (1.0, 10.0, 100.0)],
       "",
   ]
   text = "\n".join(lines)
