@@ -71,10 +71,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--iterations", type=int, default=5)
   parser.add_argument("--timeout", type=int, default=900)
+  parser.add_argument("--solvers", default=",".join(SOLVERS))
   parser.add_argument("--out", default=os.path.join(HERE, "fewshot_speed.md"))
   args = parser.parse_args()
   rows = []
-  for solver in SOLVERS:
+  for solver in args.solvers.split(","):
     try:
       out = subprocess.run([sys.executable, __file__, "--child", solver, str(args.iterations)],
                            capture_output=True, text=True, timeout=args.timeout, check=True)
