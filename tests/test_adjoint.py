@@ -86,3 +86,15 @@ def test_checkpoint_adjoint_memory_is_bounded_in_trajectory_length():
     f = jax.jit(jax.grad(lambda t: loss(adapt(t, support), support)))
     sizes.append(f.lower(params).compile().memory_analysis().temp_size_in_bytes)
   assert sizes[1] == sizes[0]  # memory is set by max_steps, not by the trajectory length
+
+
+def test_backsolve_adjoint_instance_equals_the_string_form():
+  problem = linreg.Problem()
+  grads = []
+  for method in ("backsolve", diffrax.BacksolveAdjoint()):
+    adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, adjoint=method)
+    grads.append(linreg.flat(jax.grad(
+        lambda t: linreg.loss_fn(adapt(t, problem.support), problem.query))(problem.params)))
+  phi, E, _ = problem.gradient_flow(1.0)
+  assert linreg.rel_err(grads[1], E.T @ problem.query_grad(phi)) <= 1e-6
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)

@@ -135,18 +135,19 @@ def adjoint(
       tol = _common.default_tol(dtype, float64=1e-10, float32=1e-6)
       controller = diffrax.PIDController(rtol=tol if rtol is None else rtol,
                                          atol=tol if atol is None else atol)
+    method = _adjoint_method(adjoint, solver, controller)
     # Step sizes carry no gradient (BacksolveAdjoint cannot differentiate its
     # initial state, and diffrax's automatic first step depends on y0).
     if dt0 is not None:
       first_step = jax.lax.stop_gradient(jnp.asarray(dt0, dtype) / t1_)
-    elif adjoint == "backsolve":
+    elif isinstance(method, diffrax.BacksolveAdjoint):
       first_step = jnp.asarray(1e-2, dtype)
     else:
       first_step = None
     sol = diffrax.diffeqsolve(
         term, solver, t0=jnp.zeros((), dtype), t1=jnp.ones((), dtype), dt0=first_step,
         y0=params, args=(params, support, reg_, t1_), saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=controller, adjoint=_adjoint_method(adjoint, solver, controller),
+        stepsize_controller=controller, adjoint=method,
         max_steps=max_steps, throw=False)
     phi = jax.tree.map(lambda y: y[-1], sol.ys)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree.leaves(phi)]))
