@@ -161,11 +161,13 @@ def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> Tr
 
 
 def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransformation,
-                    sample_tasks: Callable, *, meta_batch_size: int, iterations: int = 1):
-  """A jitted meta-training step: sample tasks on device, adapt, meta-gradient, update.
+                    sample_tasks: Callable, *, meta_batch_size: int, iterations: int = 1,
+                    tasks_per_call: int | str | None = "auto"):
+  """A meta-training step: sample tasks on device, adapt, meta-gradient, update.
 
   Args:
-    value_and_grad: ``(meta_params, tasks) -> (loss, grads)``, e.g.
+    value_and_grad: ``(meta_params, tasks) -> (loss, grads)`` whose loss and
+      gradient are means over the tasks, e.g.
       ``jax.value_and_grad(meta_objective(adapt, loss_fn))`` or
       :func:`reptile_value_and_grad`.
     optimizer: the outer optax optimizer.
@@ -174,15 +176,26 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
       is passed to every ``train_step`` call as a device array, not baked into
       the compiled program.
     meta_batch_size: tasks per meta-iteration (static).
-    iterations: meta-iterations fused into one call with ``lax.scan`` (static);
-      >1 removes the per-call dispatch overhead.
+    iterations: meta-iterations per call (static); >1 removes per-call
+      overhead (fused with ``lax.scan`` when the whole batch is one program).
+    tasks_per_call: how many tasks one compiled program handles. ``None``:
+      the whole meta-batch, sampling and update in one jitted program. An int
+      dividing ``meta_batch_size``: the batch is split into equal groups, each
+      group's ``value_and_grad`` is one call of a single compiled program
+      (dispatched asynchronously; nothing is copied to the host) and their
+      means are averaged before the update; compile time then grows with the
+      group, not the meta-batch. ``"auto"`` (default): 1 for convolutional
+      models on CPU (XLA convolutions or :mod:`metajax.models.layers` patches),
+      where one task per program is fastest and compiles in seconds (a whole
+      unrolled meta-batch compiles for minutes; issue 6), else ``None``.
 
   Returns:
-    ``train_step(state, key, *data) -> (state, losses)``, jitted, with ``losses`` of
-    shape ``(iterations,)``. It compiles once and never round-trips to the host.
-    Iteration ``i`` samples its tasks from ``fold_in(key, i)``: with a fixed
-    ``key`` the run is the same however iterations are grouped into calls
-    (and after resuming from a checkpoint).
+    ``train_step(state, key, *data) -> (state, losses)`` with ``losses`` of
+    shape ``(iterations,)``. It compiles once and never round-trips to the
+    host (``train_step.cache_sizes()`` counts the compilations of its
+    programs). Iteration ``i`` samples its tasks from ``fold_in(key, i)``: with
+    a fixed ``key`` the run is the same however iterations are grouped into
+    calls (and after resuming from a checkpoint).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, metajax
@@ -193,25 +206,92 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
     >>> step = metajax.meta.make_train_step(vg, opt, metajax.tasks.sinusoid(), meta_batch_size=4)
     >>> state = metajax.meta.init_train_state(jnp.ones((1, 1)), opt)
     >>> state, losses = step(state, jax.random.key(0))
+    >>> step.cache_sizes()
+    {'step': 1}
   """
   _common.check_positive_int("meta_batch_size", meta_batch_size)
   _common.check_positive_int("iterations", iterations)
+  if tasks_per_call not in ("auto", None):
+    _common.check_positive_int("tasks_per_call", tasks_per_call)
+    if meta_batch_size % tasks_per_call:
+      raise ValueError(f"tasks_per_call ({tasks_per_call}) must divide meta_batch_size "
+                       f"({meta_batch_size}).")
+  return _TrainStep(value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
+                    tasks_per_call)
 
-  def one_iteration(state: TrainState, key, data):
-    tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
-    loss, grads = value_and_grad(state.meta_params, tasks)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
-    meta_params = optax.apply_updates(state.meta_params, updates)
-    return TrainState(meta_params, opt_state, state.step + 1), loss
 
-  @jax.jit
-  def train_step(state: TrainState, key, *data):
-    if iterations == 1:
-      state, loss = one_iteration(state, key, data)
-      return state, loss[None]
-    return jax.lax.scan(lambda s, _: one_iteration(s, key, data), state, None, length=iterations)
+def _apply_update(optimizer, state: TrainState, grads) -> TrainState:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
+  return TrainState(optax.apply_updates(state.meta_params, updates), opt_state, state.step + 1)
 
-  return train_step
+
+class _TrainStep:
+  """The callable :func:`make_train_step` returns (one program, or per-group dispatch)."""
+
+  def __init__(self, value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
+               tasks_per_call):
+    self._value_and_grad, self._sample_tasks = value_and_grad, sample_tasks
+    self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
+
+    def one_iteration(state: TrainState, key, data):
+      tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+      loss, grads = value_and_grad(state.meta_params, tasks)
+      return _apply_update(optimizer, state, grads), loss
+
+    def fused(state: TrainState, key, *data):
+      if iterations == 1:
+        state, loss = one_iteration(state, key, data)
+        return state, loss[None]
+      return jax.lax.scan(lambda s, _: one_iteration(s, key, data), state, None,
+                          length=iterations)
+
+    def sample_groups(state: TrainState, key, *data):
+      tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+      size = self._per_call
+      return tuple(jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], tasks)
+                   for i in range(meta_batch_size // size))
+
+    def update(state: TrainState, losses, grads):
+      mean = lambda *xs: jnp.mean(jnp.stack(xs), axis=0)
+      return _apply_update(optimizer, state, jax.tree.map(mean, *grads)), mean(*losses)[None]
+
+    self._fused, self._sample_groups = jax.jit(fused), jax.jit(sample_groups)
+    self._group_value_and_grad, self._update = jax.jit(value_and_grad), jax.jit(update)
+
+  def _resolve(self, state: TrainState, key, data) -> None:
+    if self._per_call != "auto":
+      return
+    self._per_call = None
+    if jax.default_backend() == "cpu" and _loops.uses_convolution(
+        lambda p, k, *d: self._value_and_grad(p, self._sample_tasks(k, 1, *d)),
+        state.meta_params, key, *data, patches=True):
+      self._per_call = 1
+
+  @property
+  def tasks_per_call(self) -> int | None:
+    """Tasks per compiled call (resolved on the first call when ``"auto"``)."""
+    return self._per_call
+
+  def cache_sizes(self) -> dict:
+    """Compilations of each program this step has run (1 each after any number of calls)."""
+    if self._per_call in (None, "auto") or self._per_call == self._batch:
+      return {"step": self._fused._cache_size()}
+    return {"sample": self._sample_groups._cache_size(),
+            "tasks": self._group_value_and_grad._cache_size(),
+            "update": self._update._cache_size()}
+
+  def __call__(self, state: TrainState, key, *data):
+    self._resolve(state, key, data)
+    if self._per_call is None or self._per_call == self._batch:
+      return self._fused(state, key, *data)
+    losses = []
+    for _ in range(self._iterations):
+      groups = self._sample_groups(state, key, *data)
+      results = [self._group_value_and_grad(state.meta_params, group) for group in groups]
+      state, loss = self._update(state, tuple(r[0] for r in results),
+                                 tuple(r[1] for r in results))
+      losses.append(loss)
+    return state, losses[0] if len(losses) == 1 else jnp.concatenate(losses)
 
 
 def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:

@@ -43,7 +43,7 @@ def test_cos_mixture_family_matches_its_formula():
   assert float(jnp.abs(y + x ** 2).max()) <= 1.0 + 1e-6
 
 
-def _training_setup(meta_batch_size=4, iterations=1):
+def _training_setup(meta_batch_size=4, iterations=1, tasks_per_call="auto"):
   params, apply_fn = metajax.models.make_mlp(jax.random.key(0))
   loss = metajax.meta.mse_loss(apply_fn)
   adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.01)
@@ -56,7 +56,7 @@ def _training_setup(meta_batch_size=4, iterations=1):
   optimizer = optax.adam(1e-3)
   step = metajax.meta.make_train_step(
       jax.value_and_grad(metajax.meta.meta_objective(adapt, loss)), optimizer, sample,
-      meta_batch_size=meta_batch_size, iterations=iterations)
+      meta_batch_size=meta_batch_size, iterations=iterations, tasks_per_call=tasks_per_call)
   return step, metajax.meta.init_train_state(params, optimizer), traces
 
 
@@ -64,12 +64,41 @@ def test_train_step_compiles_once_and_never_copies_from_host():
   step, state, traces = _training_setup()
   keys = list(jax.random.split(jax.random.key(0), 5))  # slicing happens outside the guard
   state, _ = step(state, keys[0])
+  traced = len(traces)  # the first call traces (and may trace once more to pick tasks_per_call)
   with jax.transfer_guard("disallow"):  # any implicit host<->device copy raises
     for key in keys[1:]:
       state, losses = step(state, key)
-  assert len(traces) == 1
-  assert step._cache_size() == 1
+  assert len(traces) == traced <= 2
+  assert step.tasks_per_call is None  # an MLP: the whole meta-batch is one program
+  assert step.cache_sizes() == {"step": 1}
   assert int(state.step) == 5 and losses.shape == (1,)
+
+
+def test_grouped_tasks_per_call_equal_one_program_and_compile_once():
+  with jax.enable_x64():
+    whole, state, _ = _training_setup(meta_batch_size=6, iterations=2, tasks_per_call=None)
+    grouped, _, traces = _training_setup(meta_batch_size=6, iterations=2, tasks_per_call=2)
+    state = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, state)
+    key = jax.random.key(5)
+    s_whole, l_whole = whole(state, key)
+    s_grouped, l_grouped = grouped(state, key)
+    traced = len(traces)
+    with jax.transfer_guard("disallow"):
+      s_grouped, l_grouped2 = grouped(s_grouped, key)
+    s_whole, l_whole2 = whole(s_whole, key)
+  assert len(traces) == traced
+  assert grouped.cache_sizes() == {"sample": 1, "tasks": 1, "update": 1}
+  assert l_grouped.shape == (2,) and int(s_grouped.step) == 4
+  chex.assert_trees_all_close(s_grouped.meta_params, s_whole.meta_params, rtol=1e-10)
+  np.testing.assert_allclose(jnp.concatenate([l_grouped, l_grouped2]),
+                             jnp.concatenate([l_whole, l_whole2]), rtol=1e-10)
+
+
+def test_tasks_per_call_must_divide_meta_batch():
+  with pytest.raises(ValueError, match="tasks_per_call \\(4\\) must divide meta_batch_size"):
+    _training_setup(meta_batch_size=6, tasks_per_call=4)
+  with pytest.raises(ValueError, match="tasks_per_call"):
+    _training_setup(tasks_per_call=0)
 
 
 def test_fused_iterations_equal_separate_calls():
@@ -147,3 +176,14 @@ def test_cosmixture_experiment_compares_all_solvers(tmp_path):
   assert [r["solver"] for r in rows] == ["maml", "fomaml", "imaml", "adjoint"]
   assert all(np.isfinite(r["rmse"]) and r["ci95"] > 0 for r in rows)
   assert "| adjoint |" in run.stdout
+
+
+def test_make_mlp_maml_kernel_init_is_truncated_normal_with_zero_biases():
+  params, _ = metajax.models.make_mlp(jax.random.key(0),
+                                      kernel_init=metajax.models.MAML_KERNEL_INIT)
+  kernels = jnp.concatenate([layer["kernel"].ravel() for layer in params.values()])
+  assert float(jnp.abs(kernels).max()) <= 0.02  # truncated at 2 standard deviations of 0.01
+  assert 0.007 < float(kernels.std()) < 0.01  # truncation shrinks the std to ~0.0088
+  assert all(float(jnp.abs(layer["bias"]).max()) == 0.0 for layer in params.values())
+  default, _ = metajax.models.make_mlp(jax.random.key(0))
+  assert float(default["Dense_1"]["kernel"].std()) > 0.1  # LeCun normal: 1/sqrt(40)

@@ -10,7 +10,8 @@ from metajax.models.conv import (
     init_model,
     select_step,
 )
-from metajax.models.mlp import MLP, make_mlp
+from metajax.models.mlp import MAML_KERNEL_INIT, MLP, make_mlp
 
-__all__ = ["MLP", "NORM_MODES", "BatchNorm", "Conv4", "ResNet12", "calibrate_batch_stats",
-           "from_equinox", "from_nnx", "init_model", "make_mlp", "select_step"]
+__all__ = ["MAML_KERNEL_INIT", "MLP", "NORM_MODES", "BatchNorm", "Conv4", "ResNet12",
+           "calibrate_batch_stats", "from_equinox", "from_nnx", "init_model", "make_mlp",
+           "select_step"]
