@@ -157,10 +157,10 @@ def test_nnx_and_equinox_adapters_adapt_like_raw_params():
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
 
 
-def _conv_setup(dtype=jnp.float32):
+def _conv_setup(dtype=jnp.float32, conv_impl="auto"):
   images = jax.device_put(_class_images(num_classes=6, per_class=5, size=8))
-  params, apply_fn = init_model(Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1),
-                                dtype=dtype)
+  params, apply_fn = init_model(Conv4(3, filters=4, blocks=2, conv_impl=conv_impl),
+                                jax.random.key(0), (8, 8, 1), dtype=dtype)
   params = jax.tree.map(lambda p: p.astype(dtype), params)
   loss = metajax.meta.cross_entropy_loss(apply_fn)
   sample = metajax.tasks.episodes(ways=3, shots=1, queries=2, dtype=dtype)
@@ -177,15 +177,23 @@ def test_task_batching_modes_give_vmaps_numbers(mode):
   chex.assert_trees_all_close(grads[mode], grads["vmap"], rtol=1e-9, atol=1e-12)
 
 
-def test_auto_task_batching_picks_unroll_for_convs_on_cpu():
-  images, params, loss, sample = _conv_setup()
+def test_auto_task_batching_picks_unroll_for_lax_convs_on_cpu():
+  images, params, loss, sample = _conv_setup(conv_impl="lax")
   support = jax.tree.map(lambda x: x[0], sample(jax.random.key(0), 1, images).support)
   assert metajax.solvers.choose_task_batching(loss, params, support) == "unroll"
+  assert metajax.solvers.choose_unroll(20, loss, params, support) is True
+  # patches (the CPU default of metajax's models) vectorize and loop at full speed
+  images, params, loss, sample = _conv_setup(conv_impl="patches")
+  assert metajax.solvers.choose_task_batching(loss, params, support) == "vmap"
+  assert metajax.solvers.choose_unroll(20, loss, params, support) == 1
+  assert metajax.solvers.uses_convolution(loss, params, support, patches=True)
+  assert not metajax.solvers.uses_convolution(loss, params, support)
 
 
-@pytest.mark.parametrize("solver", ["maml", "imaml"])
-def test_fewshot_train_step_compiles_once_and_copies_no_images(solver):
-  images, params, loss, sample = _conv_setup()
+@pytest.mark.parametrize("solver,conv_impl", [("maml", "patches"), ("maml", "lax"),
+                                              ("imaml", "auto")])
+def test_fewshot_train_step_compiles_once_and_copies_no_images(solver, conv_impl):
+  images, params, loss, sample = _conv_setup(conv_impl=conv_impl)
   if solver == "maml":
     adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.4)
   else:
@@ -201,7 +209,8 @@ def test_fewshot_train_step_compiles_once_and_copies_no_images(solver):
   with jax.transfer_guard("disallow"):  # images already on device: no host-to-device copy
     for _ in range(3):
       state, losses = step(state, key, images)
-  assert step._cache_size() == 1 and int(state.step) == 4
+  assert step.tasks_per_call == 1  # convs on CPU: one compiled per-task program
+  assert step.cache_sizes() == {"sample": 1, "tasks": 1, "update": 1} and int(state.step) == 4
   assert bool(jnp.isfinite(losses).all())
 
 

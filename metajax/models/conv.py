@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metajax.models.layers import Conv
+
 NORM_MODES = ("transductive", "frozen", "per_step", "none")
 
 
@@ -65,6 +67,8 @@ class Conv4(nn.Module):
     norm: batch-norm mode (see module docstring).
     num_steps: entries of per-step batch-norm parameters (``norm="per_step"``).
     blocks: number of conv blocks (4 in the paper; fewer for tiny images).
+    conv_impl: ``"auto"`` (patches @ kernel on CPU, XLA's convolution elsewhere),
+      ``"lax"`` or ``"patches"``; see :mod:`metajax.models.layers`. Same parameters.
   """
 
   num_classes: int
@@ -73,12 +77,13 @@ class Conv4(nn.Module):
   norm: str = "transductive"
   num_steps: int = 1
   blocks: int = 4
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.blocks):
       stride = 2 if self.strided else 1
-      x = nn.Conv(self.filters, (3, 3), strides=stride, padding="SAME")(x)
+      x = Conv(self.filters, (3, 3), strides=stride, padding="SAME", impl=self.conv_impl)(x)
       x = nn.relu(BatchNorm(self.norm, self.num_steps)(x))
       if not self.strided:  # VALID, as MAML: 84 -> 42 -> 21 -> 10 -> 5
         x = nn.max_pool(x, (2, 2), (2, 2), padding="VALID")
@@ -89,12 +94,14 @@ class ResidualBlock(nn.Module):
   filters: int
   norm: str
   num_steps: int
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    shortcut = BatchNorm(self.norm, self.num_steps)(nn.Conv(self.filters, (1, 1))(x))
+    shortcut = BatchNorm(self.norm, self.num_steps)(
+        Conv(self.filters, (1, 1), impl=self.conv_impl)(x))
     for i in range(3):
-      x = nn.Conv(self.filters, (3, 3), padding="SAME", use_bias=False)(x)
+      x = Conv(self.filters, (3, 3), padding="SAME", use_bias=False, impl=self.conv_impl)(x)
       x = BatchNorm(self.norm, self.num_steps)(x)
       if i < 2:
         x = nn.leaky_relu(x, 0.1)
@@ -110,17 +117,19 @@ class ResNet12(nn.Module):
     widths: filters of the four blocks.
     norm: batch-norm mode.
     num_steps: entries of per-step batch-norm parameters.
+    conv_impl: as :class:`Conv4`'s.
   """
 
   num_classes: int
   widths: tuple = (64, 160, 320, 640)
   norm: str = "transductive"
   num_steps: int = 1
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     for width in self.widths:
-      x = ResidualBlock(width, self.norm, self.num_steps)(x)
+      x = ResidualBlock(width, self.norm, self.num_steps, self.conv_impl)(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 

@@ -7,10 +7,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-# Fully unrolling more steps than this costs compile time (sinusoid MLP, 50 steps: 19.5 s and
-# 1.1 GB vs 1.3 s and 0.43 GB as a scan, issue 6); at K=5 the full unroll matches a hand-written
-# loop (experiments/benchmarks/maml_overhead.md). Above it a rolled scan is used.
-FULL_UNROLL_MAX_STEPS = 10
+# Fully unrolling more steps than this costs compile time for no speed (sinusoid MLP, meta-batch
+# 25, experiments/benchmarks/strategies.md: at K=10 the full unroll compiles in 7.6 s and runs
+# 3.96 ms/iteration vs a scan's 2.6 s and 3.98 ms; at K=50, 34 s and 2.3x slower). At K=5 the full
+# unroll is ~9% faster than a scan and matches a hand-written loop (maml_overhead.md).
+FULL_UNROLL_MAX_STEPS = 5
 
 
 def _jaxprs_in(value):
@@ -24,9 +25,9 @@ def _jaxprs_in(value):
 
 
 def contains_primitive(jaxpr, name: str) -> bool:
-  """Whether ``name`` appears anywhere in ``jaxpr``, sub-jaxprs included."""
+  """Whether a primitive or a named ``jit`` call ``name`` appears in ``jaxpr``, sub-jaxprs too."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
+    if eqn.primitive.name == name or eqn.params.get("name") == name:
       return True
     for value in eqn.params.values():
       if any(contains_primitive(sub, name) for sub in _jaxprs_in(value)):
@@ -34,17 +35,31 @@ def contains_primitive(jaxpr, name: str) -> bool:
   return False
 
 
-def uses_convolution(fn: Callable, *args) -> bool:
-  """Whether ``fn(*args)`` runs a convolution (traced abstractly, nothing executes)."""
+def uses_convolution(fn: Callable, *args, patches: bool = False) -> bool:
+  """Whether ``fn(*args)`` runs an XLA convolution (traced abstractly, nothing executes).
+
+  With ``patches=True``, convolutions written as patches @ kernel
+  (:func:`metajax.models.layers.conv_patches`) count too.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from metajax.solvers import uses_convolution
+    >>> conv = lambda k, x: jax.lax.conv(x, k, (1, 1), "SAME")
+    >>> uses_convolution(conv, jnp.ones((2, 1, 3, 3)), jnp.ones((1, 1, 5, 5)))
+    True
+  """
   closed = jax.make_jaxpr(fn)(*args)
-  return contains_primitive(closed.jaxpr, "conv_general_dilated")
+  names = ("conv_general_dilated", "conv_patches") if patches else ("conv_general_dilated",)
+  return any(contains_primitive(closed.jaxpr, name) for name in names)
 
 
 def choose_unroll(steps: int, loss_fn: Callable, params, batch) -> int | bool:
   """The loop form ``unroll="auto"`` picks for ``steps`` inner iterations.
 
-  On CPU a convolution inside a rolled loop runs ~20x slower than unrolled
-  (XLA:CPU), so conv nets on CPU are always fully unrolled. Otherwise loops of
+  On CPU an XLA convolution inside a rolled loop runs ~20x slower than
+  unrolled, so nets with ``lax`` convolutions on CPU are always fully unrolled
+  (metajax's models compute convolutions as patches on CPU, which loop at full
+  speed: :mod:`metajax.models.layers`). Otherwise loops of
   at most ``FULL_UNROLL_MAX_STEPS`` steps are fully unrolled (as fast as a
   hand-written loop) and longer ones are a rolled ``lax.scan`` (bounded compile
   time).
