@@ -88,8 +88,8 @@ def main():
       "# Few-shot meta-training speed (Omniglot-shaped, 5-way 1-shot, meta-batch 32, Conv4)",
       "",
       f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, backend {env.get('backend')} "
-      f"({env.get('device')}), jax {env.get('jax')}. Default program shape (automatic: "
-      "tasks unrolled in one jit for convs on CPU). Median and IQR of "
+      f"({env.get('device')}), jax {env.get('jax')}. Default program shape (automatic; on "
+      "CPU: convolutions as patches @ kernel, one compiled program per task). Median and IQR of "
       f"{args.iterations} meta-iterations after the first (compile) call.",
       "",
       "| solver | compile + first call (s) | s / meta-iteration | IQR | meta-iterations / s |",
