@@ -233,9 +233,11 @@ class _TrainStep:
     self._value_and_grad, self._sample_tasks = value_and_grad, sample_tasks
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
 
+    def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
+      return sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+
     def one_iteration(state: TrainState, key, data):
-      tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
-      loss, grads = value_and_grad(state.meta_params, tasks)
+      loss, grads = value_and_grad(state.meta_params, sample(state, key, data))
       return _apply_update(optimizer, state, grads), loss
 
     def fused(state: TrainState, key, *data):
@@ -246,7 +248,7 @@ class _TrainStep:
                           length=iterations)
 
     def sample_groups(state: TrainState, key, *data):
-      tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+      tasks = sample(state, key, data)
       size = self._per_call
       return tuple(jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], tasks)
                    for i in range(meta_batch_size // size))
@@ -272,9 +274,13 @@ class _TrainStep:
     """Tasks per compiled call (resolved on the first call when ``"auto"``)."""
     return self._per_call
 
+  @property
+  def _one_program(self) -> bool:
+    return self._per_call in (None, "auto") or self._per_call == self._batch
+
   def cache_sizes(self) -> dict:
     """Compilations of each program this step has run (1 each after any number of calls)."""
-    if self._per_call in (None, "auto") or self._per_call == self._batch:
+    if self._one_program:
       return {"step": self._fused._cache_size()}
     return {"sample": self._sample_groups._cache_size(),
             "tasks": self._group_value_and_grad._cache_size(),
@@ -282,7 +288,7 @@ class _TrainStep:
 
   def __call__(self, state: TrainState, key, *data):
     self._resolve(state, key, data)
-    if self._per_call is None or self._per_call == self._batch:
+    if self._one_program:
       return self._fused(state, key, *data)
     losses = []
     for _ in range(self._iterations):
