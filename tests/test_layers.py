@@ -68,7 +68,10 @@ def test_conv4_maml_meta_gradient_is_the_same_with_either_impl():
       loss = metajax.meta.cross_entropy_loss(apply_fn)
       adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.4)
       grads[impl] = jax.jit(jax.grad(lambda p: loss(adapt(p, (x, labels)), (x, labels))))(params)
-    chex.assert_trees_all_close(grads["patches"], grads["lax"], rtol=1e-9, atol=1e-12)
+    # cuDNN's float64 convolution algorithms differ from a matmul at ~1e-7 relative (seen on an
+    # H100); XLA:CPU's agree to rounding.
+    rtol = 1e-9 if jax.default_backend() == "cpu" else 1e-6
+    chex.assert_trees_all_close(grads["patches"], grads["lax"], rtol=rtol, atol=1e-12)
 
 
 def test_conv_rejects_bad_arguments():
@@ -81,19 +84,21 @@ def test_conv_rejects_bad_arguments():
     conv_patches(x, jnp.ones((3, 3, 4, 3)))
 
 
-def test_strategies_benchmark_renders_its_committed_results(tmp_path):
-  """The committed benchmark rows re-render (the script stays runnable without torch)."""
+@pytest.mark.parametrize("name", ["strategies", "strategies_gpu"])
+def test_strategies_benchmark_renders_its_committed_results(tmp_path, name):
+  """Committed benchmark rows (CPU and GPU runs) re-render; the script runs without torch."""
   import json
   import os
   import subprocess
   import sys
   here = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks")
-  rows = os.path.join(here, "strategies.jsonl")
+  rows = os.path.join(here, f"{name}.jsonl")
   out = tmp_path / "strategies"
   done = subprocess.run([sys.executable, os.path.join(here, "strategies.py"), "--rows", rows,
                          "--out", str(out)], capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   text = (tmp_path / "strategies.md").read_text()
+  assert text == open(os.path.join(here, f"{name}.md"), encoding="utf-8").read()
   with open(rows, encoding="utf-8") as f:
     n = sum(1 for line in f if line.strip())
   assert text.count("| metajax") + sum(text.count(f"| {p} |") for p in

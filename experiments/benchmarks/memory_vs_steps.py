@@ -9,15 +9,18 @@ its own process and reports:
   outputs, ``memory_analysis()``), deterministic;
 - RSS: the process's peak resident memory after running it (includes the
   runtime, ~0.3 GB here);
+- device peak: on an accelerator, the allocator's peak bytes in use (``memory_stats()``);
 - time: median and IQR of 20 runs after warm-up.
 
-Writes ``memory_vs_steps.md`` and ``memory_vs_steps.png`` beside this file.
+Writes ``memory_vs_steps.md`` and ``memory_vs_steps.png`` beside this file (``--out PREFIX``
+to write elsewhere, e.g. a GPU run).
 
-Run: ``python experiments/benchmarks/memory_vs_steps.py``.
+Run: ``python experiments/benchmarks/memory_vs_steps.py [--out PREFIX]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -54,14 +57,19 @@ def measure(solver: str, steps: int) -> dict:
   xla_peak = common.compiled_peak_bytes(compiled)
   q1, med, q3 = common.time_calls(compiled, params, repeats=20, warmup=3)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  stats = jax.devices()[0].memory_stats() or {}
   n_params = sum(x.size for x in jax.tree.leaves(params))
   del jnp
-  return {"solver": solver, "steps": steps, "xla_peak": xla_peak, "rss": rss, "ms": med,
+  return {"solver": solver, "steps": steps, "xla_peak": xla_peak, "rss": rss,
+          "device_peak": stats.get("peak_bytes_in_use"), "ms": med,
           "ms_q1": q1, "ms_q3": q3, "params": int(n_params), "jax": jax.__version__,
-          "backend": jax.default_backend()}
+          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.path.join(HERE, "memory_vs_steps"))
+  args = parser.parse_args()
   results = []
   for solver in SOLVERS:
     for steps in STEPS:
@@ -80,18 +88,24 @@ def main():
       "assignment (temp + arguments + outputs); RSS = process peak resident memory. Time: median "
       "(IQR) of 20 runs.",
       "",
-      f"Machine: {os.cpu_count()} CPUs, backend {results[0]['backend']}, jax {results[0]['jax']}.",
+      f"Machine: {os.cpu_count()} CPUs, backend {results[0]['backend']} "
+      f"({results[0].get('device')}), jax {results[0]['jax']}.",
       "",
-      "| solver | K | XLA peak (MB) | vs K=10 | RSS (MB) | time (ms) |",
-      "|---|---|---|---|---|---|",
   ]
+  on_device = results[0].get("device_peak") is not None
+  lines += (["| solver | K | XLA peak (MB) | vs K=10 | device peak (MB) | RSS (MB) | time (ms) |",
+             "|---|---|---|---|---|---|---|"] if on_device else
+            ["| solver | K | XLA peak (MB) | vs K=10 | RSS (MB) | time (ms) |",
+             "|---|---|---|---|---|---|"])
   for r in results:
     ratio = r["xla_peak"] / base[r["solver"]]["xla_peak"]
-    lines.append(f"| {r['solver']} | {r['steps']} | {mb(r['xla_peak']):.1f} | {ratio:.2f}x | "
-                 f"{mb(r['rss']):.0f} | {r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) |")
+    device_peak = f" {mb(r['device_peak']):.1f} |" if on_device else ""
+    lines.append(f"| {r['solver']} | {r['steps']} | {mb(r['xla_peak']):.1f} | {ratio:.2f}x |"
+                 f"{device_peak} {mb(r['rss']):.0f} | "
+                 f"{r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) |")
   text = "\n".join(lines) + "\n"
   print(text)
-  with open(os.path.join(HERE, "memory_vs_steps.md"), "w", encoding="utf-8") as f:
+  with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write(text)
   def draw(axes):
     for solver in SOLVERS:
@@ -101,7 +115,7 @@ def main():
     axes[0].set(xlabel="inner steps K", ylabel="XLA peak memory (MB)", yscale="log")
     axes[1].set(xlabel="inner steps K", ylabel="time per meta-gradient (ms)")
     axes[0].legend()
-  common.save_plot(os.path.join(HERE, "memory_vs_steps.png"), draw, panels=2)
+  common.save_plot(args.out + ".png", draw, panels=2)
 
 if __name__ == "__main__":
   if len(sys.argv) == 4 and sys.argv[1] == "--child":

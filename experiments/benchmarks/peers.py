@@ -1,7 +1,8 @@
 """PyTorch peers for the issue-6 workloads: second-order MAML with torch.func, higher and TorchOpt.
 
 Each builder returns ``step()``, one meta-iteration (second-order MAML, K plain SGD inner steps,
-Adam 1e-3 outer update) on a fixed task batch of ``torch`` tensors:
+Adam 1e-3 outer update, finished on the device before it returns) on a fixed task batch of
+``torch`` tensors, on CUDA when torch sees a GPU and on the CPU otherwise:
 ``support_x (B, n, ...)``, ``support_y``, ``query_x``, ``query_y``. The networks match metajax's:
 the sinusoid MLP 1-40-40-1 ReLU and MAML's Omniglot Conv4 (4 x [3x3 conv stride 2, 64 filters,
 batch norm with the task's own statistics, ReLU], linear head). Install with
@@ -31,8 +32,13 @@ def conv4(ways: int = 5, filters: int = 64) -> nn.Module:
   return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters * 2 * 2, ways))
 
 
+def device() -> torch.device:
+  """Where the peers run: the first CUDA GPU when torch sees one, else the CPU."""
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def task_batch(workload: str, meta_batch: int, seed: int = 0):
-  """Random tasks shaped like the workload (inputs only matter for speed)."""
+  """Random tasks shaped like the workload (inputs only matter for speed), on :func:`device`."""
   g = torch.Generator().manual_seed(seed)
   if workload == "sinusoid":
     make = lambda n: (torch.rand(meta_batch, n, 1, generator=g) * 10 - 5,
@@ -43,7 +49,7 @@ def task_batch(workload: str, meta_batch: int, seed: int = 0):
     qx = torch.rand(meta_batch, 75, 1, 28, 28, generator=g)
     sy = torch.arange(5).repeat(meta_batch, 1)
     qy = torch.arange(5).repeat_interleave(15).repeat(meta_batch, 1)
-  return sx, sy, qx, qy
+  return tuple(t.to(device()) for t in (sx, sy, qx, qy))
 
 
 def _loss(workload: str):
@@ -53,7 +59,7 @@ def _loss(workload: str):
 def make_step(peer: str, workload: str, steps: int, step_size: float, batch):
   """One second-order MAML meta-iteration with ``peer``; returns ``step() -> loss``."""
   torch.manual_seed(0)
-  model = mlp() if workload == "sinusoid" else conv4()
+  model = (mlp() if workload == "sinusoid" else conv4()).to(device())
   loss_fn = _loss(workload)
   meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   sx, sy, qx, qy = batch
@@ -111,4 +117,9 @@ def make_step(peer: str, workload: str, steps: int, step_size: float, batch):
 
   else:
     raise ValueError(f"unknown peer {peer!r}; choose from {PEERS}.")
+  if device().type == "cuda":
+    def synchronized_step():
+      step()
+      torch.cuda.synchronize()
+    return synchronized_step
   return step

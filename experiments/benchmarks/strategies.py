@@ -8,11 +8,12 @@ Workloads (issue 6), second-order MAML unless the row names another solver, Adam
 
 metajax rows time ``metajax.meta.make_train_step`` (task sampling on device included) under the
 named strategy; ``default`` is what a user gets without choosing (``unroll="auto"``,
-``task_batching="auto"``, ``tasks_per_call="auto"``). Peer rows (``peers.py``: torch.func, TorchOpt,
-higher; CPU torch) time one meta-iteration on a fixed task batch. Every row runs in its own
-process; ``first call`` is compile + one step for metajax (one step for torch), ``compile`` is
-first call minus the median step, ``peak MB`` is the growth of the process's peak resident memory
-after setup. Writes ``strategies.md`` and ``strategies.png`` beside this file.
+``task_batching="auto"``, ``tasks_per_call="auto"``). Peer rows (``peers.py``: torch.func,
+TorchOpt, higher; on CUDA when torch sees a GPU) time one meta-iteration on a fixed task batch.
+Every row runs in its own process; ``first call`` is compile + one step for metajax (one step for
+torch), ``compile`` is first call minus the median step, ``peak MB`` is the growth of the
+process's peak resident memory after setup. Writes ``strategies.md`` and ``strategies.png``
+beside this file (``--out PREFIX`` to write elsewhere, e.g. a GPU run).
 
 Run: ``python experiments/benchmarks/strategies.py [--workloads sinusoid,conv] [--quick]``
 (peers need ``pip install -e ".[peers]"``; without torch their rows are skipped).
@@ -33,9 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = {"sinusoid": (1, 5, 10, 25, 50), "conv": (1, 5, 10)}
 STEP_SIZE = {"sinusoid": 0.01, "conv": 0.4}
 META_BATCH = {"sinusoid": 25, "conv": 16}
-# metajax rows: (solver, strategy). Strategies: default (automatic), scan / unroll (inner loop
-# form, tasks vmapped), one-program (conv: the whole meta-batch in one jit, tasks_per_call=None),
-# lax-conv (conv: XLA's convolution instead of patches @ kernel, the rest automatic).
+# metajax rows: (solver, strategy). Strategies: default (automatic), scan / unroll / scan-unroll-5
+# (inner loop form: rolled scan, full unroll, scan with 5 steps per iteration; tasks vmapped),
+# one-program (conv: the whole meta-batch in one jit, tasks_per_call=None), lax-conv (conv: XLA's
+# convolution instead of patches @ kernel, the rest automatic).
 METAJAX_ROWS = {
     "sinusoid": [("maml", "default"), ("maml", "scan"), ("maml", "unroll"),
                  ("fomaml", "default"), ("imaml", "default"), ("adjoint", "default")],
@@ -89,7 +91,7 @@ def _metajax_step(workload: str, solver: str, strategy: str, steps: int):
     sample = metajax.tasks.episodes(ways=5, shots=1, queries=15)
     data = (jax.random.randint(jax.random.key(1), (1200, 20, 28, 28, 1), 0, 256)
             .astype("uint8"),)
-  unroll = {"scan": 1, "unroll": True}.get(strategy, "auto")
+  unroll = {"scan": 1, "unroll": True, "scan-unroll-5": 5}.get(strategy, "auto")
   adapt = {
       "maml": lambda: s.unrolled(loss, steps=steps, step_size=alpha, unroll=unroll),
       "fomaml": lambda: s.unrolled(loss, steps=steps, step_size=alpha, first_order=True),
@@ -129,9 +131,12 @@ def child(spec: dict) -> dict:
     versions = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
   else:
     step = _peer_step(spec["workload"], spec["strategy"], spec["steps"])
+    import peers
     import torch
-    versions = {"torch": torch.__version__}
+    versions = {"torch": torch.__version__, "torch_device": str(peers.device())}
   out = _time(step, budget, 200)
+  out["host"] = {"machine": platform.machine(), "cpus": os.cpu_count(),
+                 "python": platform.python_version()}
   out["compile_s"] = (out["first_s"] - out["s_per_it"]) if spec["framework"] == "metajax" else 0.0
   return {**spec, **out, **versions}
 
@@ -145,10 +150,16 @@ def run_all(args) -> list[dict]:
     print("torch not installed: peer rows skipped (pip install -e '.[peers]')", file=sys.stderr)
   rows = []
   for workload in args.workloads.split(","):
-    for steps in STEPS[workload] if not args.quick else STEPS[workload][:2]:
+    all_steps = STEPS[workload] if not args.quick else STEPS[workload][:2]
+    if args.steps:
+      all_steps = [int(k) for k in args.steps.split(",")]
+    metajax_rows = METAJAX_ROWS[workload]
+    if args.metajax:
+      metajax_rows = [tuple(item.split(":")) for item in args.metajax.split(",")]
+    for steps in all_steps:
       specs = [dict(workload=workload, steps=steps, framework="metajax", solver=solver,
-                    strategy=strategy) for solver, strategy in METAJAX_ROWS[workload]]
-      if have_torch:
+                    strategy=strategy) for solver, strategy in metajax_rows]
+      if have_torch and not args.no_peers:
         specs += [dict(workload=workload, steps=steps, framework="torch", solver="maml",
                        strategy=peer) for peer in PEERS]
       for spec in specs:
@@ -174,12 +185,16 @@ def _label(r: dict) -> str:
 
 def write_report(rows: list[dict], path: str) -> str:
   env = next((r for r in rows if "jax" in r), {})
-  torch_v = next((r["torch"] for r in rows if "torch" in r), "not installed")
+  host = next((r["host"] for r in rows if "host" in r),  # rows measured before hosts were kept
+              {"machine": platform.machine(), "cpus": os.cpu_count(),
+               "python": platform.python_version()})
+  torch_v = next((f"{r['torch']} on {r.get('torch_device', 'cpu')}" for r in rows if "torch" in r),
+                 "not installed")
   lines = [
       "# Execution strategies vs PyTorch peers (issue 6)",
       "",
-      f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, backend {env.get('device')}; "
-      f"jax {env.get('jax')}, torch {torch_v}, Python {platform.python_version()}. "
+      f"Machine: {host['machine']}, {host['cpus']} CPUs, backend {env.get('device')}; "
+      f"jax {env.get('jax')}, torch {torch_v}, Python {host['python']}. "
       "Produced by `python experiments/benchmarks/strategies.py`; every row its own process. "
       "Seconds per meta-iteration: median and interquartile range. `compile` = first call minus "
       "the median step (metajax only). `peak MB` = growth of peak RSS after setup. `x vs fastest "
@@ -239,6 +254,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workloads", default="sinusoid,conv")
   parser.add_argument("--quick", action="store_true", help="only the two smallest K")
+  parser.add_argument("--steps", help="comma-separated K values instead of the workload's")
+  parser.add_argument("--metajax", help="comma-separated solver:strategy rows, e.g. maml:scan")
+  parser.add_argument("--no-peers", action="store_true", help="skip the PyTorch rows")
   parser.add_argument("--timeout", type=int, default=900)
   parser.add_argument("--rows", help="re-render the report from a JSON-lines file of rows")
   parser.add_argument("--out", default=os.path.join(HERE, "strategies"))
