@@ -214,12 +214,13 @@ def test_fewshot_train_step_compiles_once_and_copies_no_images(solver, conv_impl
   assert bool(jnp.isfinite(losses).all())
 
 
-def test_fewshot_experiment_checkpoints_and_resumes(tmp_path):
+def test_fewshot_experiment_checkpoints_and_resumes(tmp_path, experiment_env):
   script = os.path.join(ROOT, "experiments", "fewshot.py")
   common = [sys.executable, script, "--meta-batch", "2", "--eval-tasks", "10",
             "--checkpoint-every", "2"]
   run = lambda out, iters: subprocess.run(common + ["--iterations", str(iters), "--out", str(out)],
-                                          capture_output=True, text=True, timeout=900)
+                                          capture_output=True, text=True, timeout=900,
+                                          env=experiment_env)
   first = run(tmp_path / "resumed", 2)
   assert first.returncode == 0, first.stderr[-2000:]
   second = run(tmp_path / "resumed", 4)  # resumes from iteration 2

@@ -152,11 +152,11 @@ def test_evaluate_reports_per_task_mean():
 
 
 @pytest.mark.parametrize("solver", ["maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint"])
-def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path):
+def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path, experiment_env):
   out = tmp_path / solver
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "sinusoid.py"), "--solver", solver,
          "--iterations", "40", "--chunk", "20", "--eval-tasks", "20", "--out", str(out)]
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=experiment_env)
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads((out / "results.json").read_text())
   assert [row["steps"] for row in result["rows"]] == [1, 5, 10]
@@ -167,10 +167,10 @@ def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path):
   assert "| 10 |" in run.stdout
 
 
-def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path):
+def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path, experiment_env):
   """The README's main job, unchanged: 70,000 meta-iterations (~40 s on 2 cores), 600 test tasks."""
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "sinusoid.py"), "--out", str(tmp_path)]
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=experiment_env)
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads((tmp_path / "results.json").read_text())
   assert [row["steps"] for row in result["rows"]] == [1, 5, 10]
@@ -178,10 +178,10 @@ def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path):
     assert row["mse"] <= row["paper"], result["rows"]
 
 
-def test_cosmixture_experiment_compares_all_solvers(tmp_path):
+def test_cosmixture_experiment_compares_all_solvers(tmp_path, experiment_env):
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "cosmixture.py"), "--iterations", "20",
          "--chunk", "10", "--eval-tasks", "20", "--inner-steps", "3", "--out", str(tmp_path)]
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=experiment_env)
   assert run.returncode == 0, run.stderr[-2000:]
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert [r["solver"] for r in rows] == ["maml", "fomaml", "imaml", "adjoint"]
