@@ -135,8 +135,6 @@ def child(spec: dict) -> dict:
     import torch
     versions = {"torch": torch.__version__, "torch_device": str(peers.device())}
   out = _time(step, budget, 200)
-  out["host"] = {"machine": platform.machine(), "cpus": os.cpu_count(),
-                 "python": platform.python_version()}
   out["compile_s"] = (out["first_s"] - out["s_per_it"]) if spec["framework"] == "metajax" else 0.0
   return {**spec, **out, **versions}
 
@@ -149,6 +147,8 @@ def run_all(args) -> list[dict]:
     have_torch = False
     print("torch not installed: peer rows skipped (pip install -e '.[peers]')", file=sys.stderr)
   rows = []
+  host = {"machine": platform.machine(), "cpus": os.cpu_count(),
+          "python": platform.python_version()}  # in every row, failed ones too
   for workload in args.workloads.split(","):
     all_steps = STEPS[workload] if not args.quick else STEPS[workload][:2]
     if args.steps:
@@ -158,10 +158,10 @@ def run_all(args) -> list[dict]:
       metajax_rows = [tuple(item.split(":")) for item in args.metajax.split(",")]
     for steps in all_steps:
       specs = [dict(workload=workload, steps=steps, framework="metajax", solver=solver,
-                    strategy=strategy) for solver, strategy in metajax_rows]
+                    strategy=strategy, host=host) for solver, strategy in metajax_rows]
       if have_torch and not args.no_peers:
         specs += [dict(workload=workload, steps=steps, framework="torch", solver="maml",
-                       strategy=peer) for peer in PEERS]
+                       strategy=peer, host=host) for peer in PEERS]
       for spec in specs:
         if spec["strategy"] in ("one-program", "lax-conv") and steps > 5:
           continue  # slower than the default at K=1 and 5; spares minutes of compilation
@@ -185,9 +185,7 @@ def _label(r: dict) -> str:
 
 def write_report(rows: list[dict], path: str) -> str:
   env = next((r for r in rows if "jax" in r), {})
-  host = next((r["host"] for r in rows if "host" in r),  # rows measured before hosts were kept
-              {"machine": platform.machine(), "cpus": os.cpu_count(),
-               "python": platform.python_version()})
+  host = rows[0]["host"]
   torch_v = next((f"{r['torch']} on {r.get('torch_device', 'cpu')}" for r in rows if "torch" in r),
                  "not installed")
   lines = [

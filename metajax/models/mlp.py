@@ -52,8 +52,9 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
     >>> apply_fn(params, jnp.zeros((5, 1))).shape
     (5, 1)
   """
-  module = MLP(tuple(features), activation,
-               nn.initializers.lecun_normal() if kernel_init is None else kernel_init)
+  module = MLP(tuple(features), activation)
+  if kernel_init is not None:
+    module = module.clone(kernel_init=kernel_init)
   params = module.init(key, jnp.zeros((1, in_features), dtype))["params"]
   params = jax.tree.map(lambda p: p.astype(dtype), params)
 
