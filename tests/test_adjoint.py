@@ -13,9 +13,11 @@ from tests import linreg
 def test_info_counts_steps_and_reports_success():
   problem = linreg.Problem()
   adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=2.0)
-  _, info = jax.jit(lambda t, s: adapt(t, s, return_info=True))(problem.params, problem.support)
-  assert bool(info.success)
-  assert int(info.num_steps) == int(info.num_accepted_steps) + int(info.num_rejected_steps) > 0
+  _, info = jax.jit(adapt.solve)(problem.params, problem.support)
+  assert bool(info.success) and int(info.result) == metajax.solvers.RESULTS.successful
+  assert int(info.steps) == int(info.stats["num_accepted_steps"]) + int(
+      info.stats["num_rejected_steps"]) > 0
+  assert float(info.stats["time"]) == pytest.approx(2.0)
 
 
 def test_tighter_tolerance_takes_more_steps_and_is_more_accurate():
@@ -24,26 +26,28 @@ def test_tighter_tolerance_takes_more_steps_and_is_more_accurate():
   errors, steps = [], []
   for tol in (1e-4, 1e-8):
     adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=2.0, rtol=tol, atol=tol)
-    phi, info = adapt(problem.params, problem.support, return_info=True)
+    phi, info = adapt.solve(problem.params, problem.support)
     errors.append(linreg.rel_err(linreg.flat(phi), phi_ref))
-    steps.append(int(info.num_steps))
+    steps.append(int(info.steps))
   assert errors[1] < errors[0] / 100 and steps[1] > steps[0]
 
 
 def test_throw_on_max_steps_names_the_time_reached():
   problem = linreg.Problem()
-  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4, throw=True)
-  with pytest.raises(Exception, match=r"failed .* at t=[0-9.e+-]+ of t1=50 after 4 steps"):
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4)  # throw=True: default
+  with pytest.raises(Exception, match=r"adjoint solver, ODE stage .*step cap .max_steps. "
+                                      r"was reached.*time=[0-9.e+-]+, t1=50, ode_steps=4"):
     jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
-  quiet = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4)
-  _, info = quiet(problem.params, problem.support, return_info=True)
+  quiet = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4, throw=False)
+  _, info = quiet.solve(problem.params, problem.support)
   assert not bool(info.success)
+  assert int(info.result) == metajax.solvers.RESULTS.max_steps_reached
 
 
 def test_throw_on_non_finite_state():
   blow_up = lambda p, b: -jnp.exp(jnp.sum(p["w"]) * 50.0)  # gradient flow diverges
   adapt = metajax.solvers.adjoint(blow_up, t1=1.0, solver=diffrax.Euler(), dt0=0.1,
-                                  stepsize_controller=diffrax.ConstantStepSize(), throw=True)
+                                  stepsize_controller=diffrax.ConstantStepSize())
   params = {"w": jnp.ones(3), "b": jnp.zeros(())}
   with pytest.raises(Exception, match="non-finite"):
     jax.block_until_ready(jax.jit(adapt)(params, None))

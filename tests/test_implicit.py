@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import metajax
-from metajax.solvers import linear_solvers
+from metajax.solvers import RESULTS, inner_optimizers, linear_solvers
 from tests import linreg
 
 LINEAR_SOLVERS = {
@@ -38,16 +38,16 @@ def test_every_linear_solver_gives_the_closed_form_meta_gradient(name):
 
 
 @pytest.mark.parametrize("inner,kwargs", [
-    ("gd", {"inner_step_size": 0.2, "inner_steps": 2000}),
-    (optax.adam(0.05), {"inner_steps": 4000, "inner_tol": 1e-9}),
-    ("newton_cg", {}),
-    ("lbfgs", {}),
+    (inner_optimizers.gd(0.2), {"max_steps": 2000}),
+    (optax.adam(0.05), {"max_steps": 4000, "tol": 1e-9}),
+    (inner_optimizers.newton_cg(), {}),
+    (inner_optimizers.lbfgs(), {}),
 ])
 def test_inner_optimizers_reach_the_proximal_solution(inner, kwargs):
   problem = linreg.Problem()
-  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=1.0, inner=inner, **kwargs)
-  phi, info = adapt(problem.params, problem.support, return_info=True)
-  assert bool(info.converged)
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=1.0, optimizer=inner, **kwargs)
+  phi, info = adapt.solve(problem.params, problem.support)
+  assert bool(info.success)
   assert linreg.rel_err(linreg.flat(phi), problem.proximal(1.0)[0]) <= 1e-6
 
 
@@ -63,36 +63,38 @@ def test_imaml_paper_setting_in_one_line_is_close_but_truncated():
 def test_diagnostics_and_linear_solve_info():
   problem = linreg.Problem()
   adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0)
-  phi, info = jax.jit(lambda t, s: adapt(t, s, return_info=True))(problem.params, problem.support)
-  assert bool(info.converged) and int(info.inner_iterations) >= 1
-  assert float(info.inner_residual) < 1e-9
+  phi, info = jax.jit(adapt.solve)(problem.params, problem.support)
+  assert bool(info.success) and int(info.steps) >= 1
+  assert float(info.residual) < 1e-9
   lin = adapt.linear_solve_info(problem.params, problem.support, phi)
-  assert bool(lin.converged) and float(lin.residual) < 1e-9
+  assert bool(lin.success) and float(lin.residual) < 1e-9
   short = metajax.solvers.implicit(linreg.loss_fn, reg=2.0,
                                    linear_solver=linear_solvers.cg(maxiter=1, tol=1e-10))
   lin_short = short.linear_solve_info(problem.params, problem.support, phi)
-  assert not bool(lin_short.converged) and float(lin_short.residual) > 1e-6
+  assert int(lin_short.result) == RESULTS.linear_solve_failed
+  assert float(lin_short.residual) > 1e-6
   assert lin_short.maxiter == 1
 
 
 def test_throw_names_the_inner_stage_and_residual():
   problem = linreg.Problem()
-  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, inner="gd", inner_step_size=1e-3,
-                                   inner_steps=3, throw=True)
-  with pytest.raises(Exception, match=r"inner stage: no convergence after 3 iterations; "
-                                      r"stationarity residual \d"):
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, optimizer=inner_optimizers.gd(1e-3),
+                                   max_steps=3)
+  with pytest.raises(Exception, match=r"inner stage .*step cap .max_steps. was reached.*"
+                                      r"iterations=3, residual=\d"):
     jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
-  quiet = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, inner="gd", inner_step_size=1e-3,
-                                   inner_steps=3)
-  _, info = quiet(problem.params, problem.support, return_info=True)
-  assert not bool(info.converged)
+  quiet = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, optimizer=inner_optimizers.gd(1e-3),
+                                   max_steps=3, throw=False)
+  _, info = quiet.solve(problem.params, problem.support)
+  assert int(info.result) == RESULTS.max_steps_reached
 
 
 def test_throw_names_the_linear_solve_stage():
   problem = linreg.Problem()
-  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, throw=True,
+  adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0,
                                    linear_solver=linear_solvers.cg(maxiter=1, tol=1e-10))
-  with pytest.raises(Exception, match="linear-solve stage: relative residual"):
+  with pytest.raises(Exception, match=r"linear-solve stage .*missed its tolerance.*"
+                                      r"relative_residual=\d"):
     jax.block_until_ready(jax.jit(lambda t: _meta_grad(adapt, problem))(problem.params))
 
 
@@ -113,10 +115,10 @@ def test_integer_labels_in_support_and_vmap_with_grad():
 def test_bad_settings_name_the_argument():
   problem = linreg.Problem()
   for kwargs, match in [({"reg": 0.0}, "reg must be > 0"), ({"reg": -1.0}, "reg must be > 0"),
-                        ({"reg": 1.0, "inner": "bfgs"}, "inner must be one of"),
-                        ({"reg": 1.0, "inner": "gd"}, "needs inner_step_size"),
-                        ({"reg": 1.0, "inner_steps": 0}, "inner_steps must be >= 1"),
-                        ({"reg": 1.0, "inner_tol": -1.0}, "inner_tol must be")]:
+                        ({"reg": float("nan")}, "reg must be finite"),
+                        ({"reg": 1.0, "optimizer": "bfgs"}, "optimizer must be an object"),
+                        ({"reg": 1.0, "max_steps": 0}, "max_steps must be >= 1"),
+                        ({"reg": 1.0, "tol": -1.0}, "tol must be")]:
     with pytest.raises((ValueError, TypeError), match=match):
       metajax.solvers.implicit(linreg.loss_fn, **kwargs)(problem.params, problem.support)
   adapt = metajax.solvers.implicit(linreg.loss_fn, reg=1.0)
@@ -132,8 +134,9 @@ steps = int(sys.argv[1])
 params, apply_fn = metajax.models.make_mlp(jax.random.key(0), 16, (256, 256, 1))
 loss = metajax.meta.mse_loss(apply_fn)
 support = (jax.random.normal(jax.random.key(1), (64, 16)), jnp.zeros((64, 1)))
-adapt = metajax.solvers.implicit(loss, reg=2.0, inner="gd", inner_step_size=0.01,
-                                 inner_steps=steps, inner_tol=0.0,
+adapt = metajax.solvers.implicit(loss, reg=2.0,
+                                 optimizer=metajax.solvers.inner_optimizers.gd(0.01),
+                                 max_steps=steps, tol=0.0,
                                  linear_solver=metajax.solvers.linear_solvers.cg(maxiter=5, tol=0))
 f = jax.jit(jax.grad(lambda t: loss(adapt(t, support), support)))
 print(f.lower(params).compile().memory_analysis().temp_size_in_bytes)

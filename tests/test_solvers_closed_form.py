@@ -24,7 +24,7 @@ SOLVERS = {
     "implicit": (lambda: metajax.solvers.implicit(linreg.loss_fn, reg=2.0),
                  lambda p: p.proximal(2.0)[:2], 1e-5, 1e-3),
     "implicit_newton_cg": (lambda: metajax.solvers.implicit(linreg.loss_fn, reg=0.5,
-                                                            inner="newton_cg"),
+                                                            optimizer=metajax.solvers.inner_optimizers.newton_cg()),
                            lambda p: p.proximal(0.5)[:2], 1e-5, 1e-3),
     "adjoint": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5),
                 lambda p: p.gradient_flow(1.5)[:2], 1e-5, 1e-3),

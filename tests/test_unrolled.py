@@ -47,11 +47,12 @@ def test_optax_sgd_inner_optimizer_equals_plain_gradient_descent():
 def test_info_reports_support_losses():
   problem = linreg.Problem()
   adapt = metajax.solvers.unrolled(linreg.loss_fn, steps=6, step_size=0.2)
-  phi, info = adapt(problem.params, problem.support, return_info=True)
-  assert info.losses.shape == (6,)
-  assert bool(jnp.all(jnp.diff(info.losses) < 0))  # GD with a small step decreases the loss
-  assert float(info.final_loss) < float(info.losses[-1])
-  np.testing.assert_allclose(float(info.final_loss), linreg.loss_fn(phi, problem.support))
+  phi, info = adapt.solve(problem.params, problem.support)
+  losses = info.stats["losses"]
+  assert losses.shape == (6,) and int(info.steps) == 6 and bool(info.success)
+  assert bool(jnp.all(jnp.diff(losses) < 0))  # GD with a small step decreases the loss
+  assert float(info.loss) < float(losses[-1])
+  np.testing.assert_allclose(float(info.loss), linreg.loss_fn(phi, problem.support))
 
 
 @pytest.mark.parametrize("unroll", [True, 1, 3, "auto"])
@@ -96,6 +97,7 @@ def test_remat_gives_same_gradient_with_less_saved_memory():
     ({"steps": 0}, "steps must be >= 1"),
     ({"steps": 2.5}, "steps must be a Python int"),
     ({"steps": 2, "step_size": -0.1}, "step_size must be >= 0"),
+    ({"steps": 2, "step_size": float("nan")}, "step_size must be finite"),
     ({"steps": 2, "step_size": 0.1, "optimizer": optax.sgd(0.1)}, "step_size is only used"),
     ({"steps": 2, "optimizer": "adam"}, "optax GradientTransformation"),
     ({"steps": 2, "unroll": 0}, "unroll must be"),

@@ -45,12 +45,12 @@ def cost_vs_horizon():
   for method in METHODS:
     for t1 in HORIZONS:
       adapt = metajax.solvers.adjoint(loss, t1=t1, adjoint=method, rtol=1e-6, atol=1e-6,
-                                      max_steps=4096)
+                                      throw=False, max_steps=4096)
       f = jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))
       compiled = f.lower(params).compile()
-      _, info = jax.jit(lambda p: adapt(p, support, return_info=True))(params)
+      _, info = jax.jit(lambda p: adapt.solve(p, support))(params)
       q1, med, q3 = common.time_calls(compiled, params, repeats=1)
-      rows.append(dict(method=method, t1=t1, steps=int(info.num_steps), ok=bool(info.success),
+      rows.append(dict(method=method, t1=t1, steps=int(info.steps), ok=bool(info.success),
                        mb=common.compiled_peak_bytes(compiled) / 2 ** 20, ms=med, q1=q1, q3=q3))
       print(rows[-1], flush=True)
   return rows
@@ -80,7 +80,7 @@ def error_vs_tolerance_and_horizon():
 
   def error(method, t1, tol):
     adapt = metajax.solvers.adjoint(loss, t1=t1, adjoint=method, rtol=tol, atol=tol,
-                                    max_steps=100_000)
+                                    throw=False, max_steps=100_000)
     g = jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))(jnp.asarray(theta))
     ref = reference(t1)
     return float(np.linalg.norm(np.asarray(g) - ref) / np.linalg.norm(ref))

@@ -41,8 +41,8 @@ def measure(solver: str, iterations: int) -> dict:
   adapt = {
       "maml": lambda: s.unrolled(loss, steps=1, step_size=0.4),
       "fomaml": lambda: s.unrolled(loss, steps=1, step_size=0.4, first_order=True),
-      "imaml": lambda: s.implicit(loss, reg=2.0, inner="gd", inner_step_size=0.1, inner_steps=16,
-                                  inner_tol=0.0,
+      "imaml": lambda: s.implicit(loss, reg=2.0, optimizer=s.inner_optimizers.gd(0.1), max_steps=16,
+                                  tol=0.0,
                                   linear_solver=s.linear_solvers.cg(maxiter=5, tol=0)),
       "adjoint": lambda: s.adjoint(loss, t1=0.4, solver=diffrax.Euler(), dt0=0.1,
                                    stepsize_controller=diffrax.ConstantStepSize(), max_steps=8),

@@ -47,7 +47,8 @@ def measure(solver: str, steps: int) -> dict:
   support, query = jax.tree.map(lambda x: x[0], task)
   if solver == "implicit":
     adapt = metajax.solvers.implicit(
-        loss, reg=2.0, inner="gd", inner_step_size=1e-3, inner_steps=steps, inner_tol=0.0,
+        loss, reg=2.0, optimizer=metajax.solvers.inner_optimizers.gd(1e-3), max_steps=steps,
+        tol=0.0,
         linear_solver=metajax.solvers.linear_solvers.cg(maxiter=5, tol=0))
   else:
     adapt = metajax.solvers.unrolled(loss, steps=steps, step_size=1e-3, unroll=1,

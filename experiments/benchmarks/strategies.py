@@ -95,8 +95,8 @@ def _metajax_step(workload: str, solver: str, strategy: str, steps: int):
   adapt = {
       "maml": lambda: s.unrolled(loss, steps=steps, step_size=alpha, unroll=unroll),
       "fomaml": lambda: s.unrolled(loss, steps=steps, step_size=alpha, first_order=True),
-      "imaml": lambda: s.implicit(loss, reg=2.0, inner="gd", inner_steps=steps,
-                                  inner_step_size=alpha, inner_tol=0.0,
+      "imaml": lambda: s.implicit(loss, reg=2.0, optimizer=s.inner_optimizers.gd(alpha),
+                                  max_steps=steps, tol=0.0,
                                   linear_solver=s.linear_solvers.cg(maxiter=5, tol=0.0)),
       "adjoint": lambda: s.adjoint(loss, t1=steps * alpha),
   }[solver]()

@@ -1,14 +1,19 @@
-"""Inner solvers: ``adapt = solver(loss_fn, ...)``, then ``phi = adapt(theta, support)``."""
+"""Inner solvers: ``adapt = solver(loss_fn, ...)``, then ``phi = adapt(theta, support)``.
 
-from metajax.solvers import linear_solvers
+Every solver is an :class:`InnerSolver`; ``adapt.solve(theta, support)`` returns
+``(phi, AdaptInfo)`` with a :class:`RESULTS` status. Failures raise by default (``throw=True``).
+"""
+
+from metajax.solvers import inner_optimizers, linear_solvers
 from metajax.solvers._loops import choose_task_batching, choose_unroll, uses_convolution
-from metajax.solvers.adjoint import AdjointInfo, adjoint
-from metajax.solvers.implicit import LinearSolveInfo, implicit
-from metajax.solvers.inner_optimizers import ImplicitInfo
-from metajax.solvers.unrolled import UnrolledInfo, differentiable_adam, unrolled
+from metajax.solvers._result import RESULTS, AdaptInfo
+from metajax.solvers.adjoint import Adjoint, adjoint
+from metajax.solvers.base import InnerSolver
+from metajax.solvers.implicit import Implicit, LinearSolveInfo, implicit
+from metajax.solvers.unrolled import Unrolled, differentiable_adam, unrolled
 
 __all__ = [
-    "AdjointInfo", "ImplicitInfo", "LinearSolveInfo", "UnrolledInfo", "adjoint",
-    "choose_task_batching", "choose_unroll", "differentiable_adam", "implicit",
-    "linear_solvers", "unrolled", "uses_convolution",
+    "RESULTS", "AdaptInfo", "Adjoint", "Implicit", "InnerSolver", "LinearSolveInfo", "Unrolled",
+    "adjoint", "choose_task_batching", "choose_unroll", "differentiable_adam", "implicit",
+    "inner_optimizers", "linear_solvers", "unrolled", "uses_convolution",
 ]

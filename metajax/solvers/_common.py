@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from metajax.solvers._result import RESULTS
 
 PyTree = Any
 
@@ -31,16 +34,20 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: x - y, a, b)
 
 
-def params_dtype(params: PyTree):
+def is_traced(value) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
+
+
+def params_dtype(params: PyTree, name: str = "params"):
   """The floating dtype of a parameter pytree (the widest one present)."""
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
+  leaves = jax.tree.leaves(params)
   if not leaves:
-    raise ValueError("params is an empty pytree: there is nothing to adapt.")
-  floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-  if len(floats) != len(leaves):
-    bad = [str(x.dtype) for x in leaves if not jnp.issubdtype(x.dtype, jnp.floating)]
-    raise TypeError(f"params must hold floating-point arrays only; found dtypes {bad}.")
-  return jnp.result_type(*floats)
+    raise ValueError(f"{name} is an empty pytree: there is nothing to adapt.")
+  dtypes = [jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype for x in leaves]
+  bad = [str(d) for d in dtypes if not jnp.issubdtype(d, jnp.floating)]
+  if bad:
+    raise TypeError(f"{name} must hold floating-point arrays only; found dtypes {bad}.")
+  return jnp.result_type(*dtypes)
 
 
 def default_tol(dtype, *, float64: float, float32: float) -> float:
@@ -54,28 +61,76 @@ def check_callable(name: str, value) -> None:
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-  if isinstance(value, bool) or not isinstance(value, int):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be a Python int (it is static), got {value!r}.")
   low = 0 if allow_zero else 1
   if value < low:
     raise ValueError(f"{name} must be >= {low}, got {value}.")
-  return value
+  return int(value)
 
 
-def check_nonnegative_float(name: str, value, *, strict: bool = False) -> None:
-  """Validates a float setting (``> 0`` if ``strict``) when concrete; traced values pass."""
-  if isinstance(value, jax.core.Tracer) or value is None:
+def check_tolerance(name: str, value) -> None:
+  """A static tolerance: ``None`` or a finite float >= 0."""
+  if value is None:
     return
-  try:
-    arr = jnp.asarray(value)
-  except TypeError as err:
-    raise TypeError(f"{name} must be a float or an array, got {value!r}.") from err
-  if isinstance(arr, jax.core.Tracer):
-    return
-  if not jnp.issubdtype(arr.dtype, jnp.number):
-    raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}.")
-  if bool(jnp.any(arr <= 0)) if strict else bool(jnp.any(arr < 0)):
-    raise ValueError(f"{name} must be {'>' if strict else '>='} 0, got {value!r}.")
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    raise TypeError(f"{name} must be a float >= 0 or None, got {value!r}.")
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}.")
+
+
+def check_hyperparameter(name: str, value, *, strict: bool = True) -> None:
+  """Validates a float hyperparameter (or a pytree of them) that is concrete.
+
+  Traced leaves are skipped here and checked at run time (:func:`hyperparameter_result`).
+  Concrete ``jax.Array`` values captured inside ``jit`` are checked too: they are read with
+  numpy, never converted through a tracer.
+  """
+  if value is None:
+    raise TypeError(f"{name} must be a float, got None.")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if isinstance(leaf, jax.core.Tracer):
+      continue
+    if isinstance(leaf, (str, bytes)) or leaf is None:
+      raise TypeError(f"{where} must be a float or an array, got {leaf!r}.")
+    try:
+      arr = np.asarray(leaf)
+    except Exception as err:
+      raise TypeError(f"{where} must be a float or an array, got {leaf!r}.") from err
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) \
+        or np.issubdtype(arr.dtype, np.complexfloating):
+      raise TypeError(f"{where} must be a real number, got dtype {arr.dtype}.")
+    if arr.size == 0:
+      raise ValueError(f"{where} is an empty array.")
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f"{where} must be finite, got {_show(arr)}.")
+    if np.any(arr <= 0) if strict else np.any(arr < 0):
+      raise ValueError(f"{where} must be {'>' if strict else '>='} 0, got {_show(arr)}.")
+  if not jax.tree.leaves(value):
+    raise ValueError(f"{name} is an empty pytree.")
+
+
+def _show(arr: np.ndarray) -> str:
+  if arr.ndim == 0:
+    return repr(arr.item())
+  bad = arr[~np.isfinite(arr)] if not np.all(np.isfinite(arr)) else arr[arr <= 0]
+  return f"an array of shape {arr.shape} containing {bad.ravel()[0]!r}"
+
+
+def hyperparameter_result(value, *, strict: bool = True) -> jax.Array:
+  """Run-time check of a possibly traced hyperparameter: ``RESULTS.invalid_hyperparameter`` or 0."""
+  ok = jnp.ones((), bool)
+  for leaf in jax.tree.leaves(value):
+    leaf = jnp.asarray(leaf)
+    ok &= jnp.all(jnp.isfinite(leaf)) & jnp.all(leaf > 0 if strict else leaf >= 0)
+  return jnp.where(ok, RESULTS.successful, RESULTS.invalid_hyperparameter).astype(jnp.int32)
+
+
+def worst(value) -> jax.Array:
+  """A scalar summary of a hyperparameter for messages: its smallest entry (NaN if any)."""
+  leaves = [jnp.min(jnp.asarray(x)) for x in jax.tree.leaves(value)]
+  return jnp.min(jnp.stack(leaves)) if leaves else jnp.zeros(())
 
 
 def as_scalar(name: str, value, dtype) -> jax.Array:
@@ -84,17 +139,3 @@ def as_scalar(name: str, value, dtype) -> jax.Array:
   if arr.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
   return arr.astype(dtype)
-
-
-def raise_if(failed, message: str, **values) -> None:
-  """Raises ``RuntimeError(message.format(**values))`` at run time where ``failed``.
-
-  Works eagerly and under ``jit``/``vmap``/``grad`` (inside ``jit`` the error
-  surfaces as a ``JaxRuntimeError`` whose text holds the message).
-  """
-  def check(failed, **values):
-    failed = np.asarray(failed)
-    if np.any(failed):
-      worst = {k: np.asarray(v)[failed].max() if np.ndim(v) else v for k, v in values.items()}
-      raise RuntimeError(message.format(**worst))
-  jax.debug.callback(check, failed, **values)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from metajax.solvers import _common
+from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
+from metajax.solvers.base import InnerSolver
 
 PyTree = Any
 ADJOINT_CHOICES = ("checkpoint", "backsolve")
-
-
-class AdjointInfo(NamedTuple):
-  """Diagnostics of the ODE solve.
-
-  Attributes:
-    num_steps: steps taken.
-    num_accepted_steps: accepted steps (adaptive controllers).
-    num_rejected_steps: rejected steps (adaptive controllers).
-    success: whether ``t1`` was reached with a finite state.
-  """
-
-  num_steps: jax.Array
-  num_accepted_steps: jax.Array
-  num_rejected_steps: jax.Array
-  success: jax.Array
 
 
 def _adjoint_method(adjoint, solver, controller) -> diffrax.AbstractAdjoint:
@@ -39,6 +26,138 @@ def _adjoint_method(adjoint, solver, controller) -> diffrax.AbstractAdjoint:
     return diffrax.BacksolveAdjoint(solver=solver, stepsize_controller=controller)
   raise ValueError(f"adjoint must be one of {ADJOINT_CHOICES} or a diffrax.AbstractAdjoint, "
                    f"got {adjoint!r}.")
+
+
+def _in_normalized_time(controller, t1):
+  """``controller`` with its time-valued settings divided by ``t1``.
+
+  The solve runs in normalized time ``s = t / t1`` on ``[0, 1]``; users give times in real
+  units (``dtmax``, ``dtmin``, ``step_ts``, ``jump_ts``, ``StepTo.ts``).
+  """
+  scale = lambda v: None if v is None else jax.lax.stop_gradient(jnp.asarray(v) / t1)
+  if isinstance(controller, diffrax.PIDController):
+    return eqx.tree_at(lambda c: (c.dtmin, c.dtmax), controller,
+                       (scale(controller.dtmin), scale(controller.dtmax)),
+                       is_leaf=lambda x: x is None)
+  if isinstance(controller, diffrax.ClipStepSizeController):
+    inner = _in_normalized_time(controller.controller, t1)
+    return eqx.tree_at(lambda c: (c.controller, c.step_ts, c.jump_ts), controller,
+                       (inner, scale(controller.step_ts), scale(controller.jump_ts)),
+                       is_leaf=lambda x: x is None)
+  if isinstance(controller, diffrax.StepTo):
+    return diffrax.StepTo(ts=scale(controller.ts))
+  return controller
+
+
+class Adjoint(InnerSolver):
+  """Gradient flow integrated by diffrax, differentiated by an adjoint (see :func:`adjoint`)."""
+
+  name = "adjoint"
+  hyperparameters = ("t1", "reg")
+
+  def __init__(self, loss_fn, *, t1, reg, solver, dt0, stepsize_controller, rtol, atol,
+               max_steps, adjoint, throw):
+    super().__init__(loss_fn, throw=throw)
+    _common.check_hyperparameter("t1", t1, strict=True)
+    _common.check_hyperparameter("reg", reg, strict=False)
+    self.max_steps = _common.check_positive_int("max_steps", max_steps)
+    self.solver = diffrax.Tsit5() if solver is None else solver
+    if not isinstance(self.solver, diffrax.AbstractSolver):
+      raise TypeError(f"solver must be a diffrax solver (e.g. diffrax.Tsit5()), got {solver!r}.")
+    if stepsize_controller is not None and not isinstance(
+        stepsize_controller, diffrax.AbstractStepSizeController):
+      raise TypeError("stepsize_controller must be a diffrax step-size controller, got "
+                      f"{stepsize_controller!r}.")
+    if isinstance(stepsize_controller, diffrax.ConstantStepSize) and dt0 is None:
+      raise ValueError("dt0 is required with a constant step size (e.g. dt0=step_size).")
+    if dt0 is not None:
+      _common.check_hyperparameter("dt0", dt0, strict=True)
+    if stepsize_controller is not None and (rtol is not None or atol is not None):
+      raise ValueError("rtol/atol configure the default controller; set them inside "
+                       "stepsize_controller instead.")
+    _common.check_tolerance("rtol", rtol)
+    _common.check_tolerance("atol", atol)
+    _adjoint_method(adjoint, self.solver, stepsize_controller)  # validates early
+    self.t1, self.reg, self.dt0 = t1, reg, dt0
+    self.stepsize_controller, self.rtol, self.atol, self.adjoint = (
+        stepsize_controller, rtol, atol, adjoint)
+
+  def _solve(self, params, support, *, t1=None, reg=None):
+    dtype = _common.params_dtype(params)
+    t1_ = self.t1 if t1 is None else t1
+    reg_ = self.reg if reg is None else reg
+    if t1 is not None:
+      _common.check_hyperparameter("t1", t1_, strict=True)
+    if reg is not None:
+      _common.check_hyperparameter("reg", reg_, strict=False)
+    t1_ = _common.as_scalar("t1", t1_, dtype)
+    reg_ = _common.as_scalar("reg", reg_, dtype)
+    hyper_result = jnp.maximum(_common.hyperparameter_result(t1_),
+                               _common.hyperparameter_result(reg_, strict=False))
+    # Closure conversion: traced values loss_fn closes over become ODE arguments, which
+    # every diffrax adjoint (BacksolveAdjoint too) differentiates.
+    loss_fn, consts = jax.closure_convert(self.loss_fn, params, support)
+    grad_fn = jax.grad(loss_fn)
+
+    def drift(phi, args):
+      theta, support_, reg__, _, consts_ = args
+      return _common.tree_axpy(reg__, _common.tree_sub(phi, theta),
+                               grad_fn(phi, support_, *(consts_ or ())))
+
+    def vector_field(s, phi, args):
+      # Normalized time s = t / t1 on [0, 1]: the flow is autonomous, so this is exact, and
+      # t1 becomes an ODE argument that every adjoint method differentiates.
+      return jax.tree.map(lambda d: -args[3] * d, drift(phi, args))
+
+    controller = self.stepsize_controller
+    if controller is None:
+      tol = _common.default_tol(dtype, float64=1e-10, float32=1e-6)
+      controller = diffrax.PIDController(rtol=tol if self.rtol is None else self.rtol,
+                                         atol=tol if self.atol is None else self.atol)
+    else:
+      controller = _in_normalized_time(controller, t1_)
+    method = _adjoint_method(self.adjoint, self.solver, controller)
+    # Step sizes carry no gradient (BacksolveAdjoint cannot differentiate its
+    # initial state, and diffrax's automatic first step depends on y0).
+    if self.dt0 is not None:
+      first_step = jax.lax.stop_gradient(jnp.asarray(self.dt0, dtype) / t1_)
+    elif isinstance(method, diffrax.BacksolveAdjoint):
+      first_step = jnp.asarray(1e-2, dtype)
+    else:
+      first_step = None
+    args = (params, support, reg_, t1_, tuple(consts) or None)  # () breaks BacksolveAdjoint
+    try:
+      sol = diffrax.diffeqsolve(
+          diffrax.ODETerm(vector_field), self.solver, t0=jnp.zeros((), dtype),
+          t1=jnp.ones((), dtype), dt0=first_step, y0=params, args=args,
+          saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, adjoint=method,
+          max_steps=self.max_steps, throw=False)
+    except TypeError as err:
+      if "forward-mode" in str(err) or "jvp" in str(err):
+        raise TypeError(
+            f"metajax adjoint solver: adjoint={self.adjoint!r} supports reverse mode only "
+            "(jax.grad, jax.vjp), not forward mode (jax.jvp, jax.jacfwd, jax.hessian) or "
+            "grad of grad; pass adjoint=diffrax.ForwardMode() for forward mode, or use the "
+            "unrolled or implicit solver.") from err
+      raise
+    phi = jax.tree.map(lambda y: y[-1], sol.ys)
+    steps = sol.stats["num_steps"]
+    result = jnp.where(
+        sol.result == diffrax.RESULTS.successful, RESULTS.successful,
+        jnp.where(sol.result == diffrax.RESULTS.max_steps_reached, RESULTS.max_steps_reached,
+                  RESULTS.ode_failed))
+    result = jnp.where(all_finite(phi), result, RESULTS.nonfinite)
+    result = jnp.where(hyper_result != 0, hyper_result, result).astype(jnp.int32)
+    time_reached = sol.ts[-1] * t1_
+    if self.throw:
+      phi = error_if(phi, result, "metajax adjoint solver, ODE stage (gradient flow)",
+                     time=time_reached, t1=t1_, ode_steps=steps, reg=reg_)
+    info = AdaptInfo(
+        result=result, steps=steps,
+        residual=_common.tree_norm(drift(phi, args)), loss=loss_fn(phi, support, *consts),
+        stats={"num_accepted_steps": sol.stats["num_accepted_steps"],
+               "num_rejected_steps": sol.stats["num_rejected_steps"], "time": time_reached})
+    return phi, info
 
 
 def adjoint(
@@ -53,39 +172,46 @@ def adjoint(
     atol: float | None = None,
     max_steps: int = 4096,
     adjoint: str | diffrax.AbstractAdjoint = "checkpoint",
-    throw: bool = False,
-):
+    throw: bool = True,
+) -> Adjoint:
   """Gradient flow ``dphi/dt = -grad L(phi) - reg (phi - theta)`` from ``phi(0) = theta`` to ``t1``.
 
   How the solve is differentiated is an argument, as in diffrax:
 
   - ``"checkpoint"`` (default): ``diffrax.RecursiveCheckpointAdjoint``, the
     exact gradient of the discrete solve with memory logarithmic in
-    ``max_steps`` (recomputation instead of storage).
+    ``max_steps`` (recomputation instead of storage). Reverse mode only.
   - ``"backsolve"``: ``diffrax.BacksolveAdjoint``, A-MAML's continuous adjoint
     with constant memory. It reconstructs the state backward in time, which is
     unstable on contracting gradient flows (Deleu et al. 2022, Fig. 2): its
     gradient error grows with ``t1`` (see
     ``experiments/benchmarks/adjoint_methods.md``).
+  - any ``diffrax.AbstractAdjoint``, e.g. ``diffrax.ForwardMode()`` for ``jax.jvp``/``jacfwd``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set.
-    t1: adaptation horizon ``T`` (> 0). May be passed at call time, possibly
+    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set. It may close over
+      traced values (closure-converted into ODE arguments, so every adjoint differentiates
+      them).
+    t1: adaptation horizon ``T`` (finite, > 0). May be passed at call time, possibly
       traced, and then receives its meta-gradient (a learned horizon).
-    reg: optional proximal strength (A-MAML's code uses 1.0); call-time too.
+    reg: optional proximal strength (>= 0; A-MAML's code uses 1.0); call-time too.
     solver: a diffrax solver; default ``diffrax.Tsit5()``.
-    dt0: initial (or, with ``diffrax.ConstantStepSize``, fixed) step.
-    stepsize_controller: default ``diffrax.PIDController(rtol, atol)``.
+    dt0: initial (or, with ``diffrax.ConstantStepSize``, fixed) step, in real time.
+    stepsize_controller: default ``diffrax.PIDController(rtol, atol)``. Its times
+      (``dtmin``, ``dtmax``, ``StepTo.ts``, ``ClipStepSizeController``'s ``step_ts`` and
+      ``jump_ts``) are in real time units, as with diffrax directly.
     rtol, atol: tolerances of the default controller; ``None``: 1e-10 in
       float64, 1e-6 in float32.
     max_steps: step cap (static).
     adjoint: ``"checkpoint"``, ``"backsolve"``, or any ``diffrax.AbstractAdjoint``.
-    throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the time reached
-      when ``max_steps`` is hit or the state becomes non-finite.
+    throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the time reached and the task
+      when ``max_steps`` is hit, the ODE solver fails or the state becomes non-finite;
+      ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    ``adapt(params, support, *, t1=None, reg=None, return_info=False)``; with
-    ``return_info`` it returns ``(phi, AdjointInfo)``.
+    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, t1=None,
+    reg=None)``; ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
+    ``stats={"num_accepted_steps", "num_rejected_steps", "time"}``.
 
   Example:
     >>> import jax.numpy as jnp, metajax
@@ -95,72 +221,6 @@ def adjoint(
     >>> round(float(phi[0]), 5)
     0.63212
   """
-  _common.check_callable("loss_fn", loss_fn)
-  _common.check_nonnegative_float("t1", t1, strict=True)
-  _common.check_nonnegative_float("reg", reg)
-  _common.check_positive_int("max_steps", max_steps)
-  if solver is None:
-    solver = diffrax.Tsit5()
-  if not isinstance(solver, diffrax.AbstractSolver):
-    raise TypeError(f"solver must be a diffrax solver, got {solver!r}.")
-  if isinstance(stepsize_controller, diffrax.ConstantStepSize) and dt0 is None:
-    raise ValueError("dt0 is required with a constant step size (e.g. dt0=step_size).")
-  if stepsize_controller is not None and (rtol is not None or atol is not None):
-    raise ValueError("rtol/atol configure the default controller; set them inside "
-                     "stepsize_controller instead.")
-  _adjoint_method(adjoint, solver, stepsize_controller)  # validates early
-  default_t1, default_reg = t1, reg
-  grad_fn = jax.grad(loss_fn)
-
-  def vector_field(s, phi, args):
-    # Integrated in normalized time s = t / t1 on [0, 1]: the flow is autonomous,
-    # so this is exact, and t1 becomes an ODE argument that every adjoint method
-    # (BacksolveAdjoint included) differentiates.
-    theta, support, reg_, t1_ = args
-    drift = _common.tree_axpy(reg_, _common.tree_sub(phi, theta), grad_fn(phi, support))
-    return jax.tree.map(lambda d: -t1_ * d, drift)
-
-  term = diffrax.ODETerm(vector_field)
-
-  def adapt(params, support, *, t1=None, reg=None, return_info=False):
-    dtype = _common.params_dtype(params)
-    t1_ = default_t1 if t1 is None else t1
-    reg_ = default_reg if reg is None else reg
-    _common.check_nonnegative_float("t1", t1_, strict=True)
-    _common.check_nonnegative_float("reg", reg_)
-    t1_ = _common.as_scalar("t1", t1_, dtype)
-    reg_ = _common.as_scalar("reg", reg_, dtype)
-    controller = stepsize_controller
-    if controller is None:
-      tol = _common.default_tol(dtype, float64=1e-10, float32=1e-6)
-      controller = diffrax.PIDController(rtol=tol if rtol is None else rtol,
-                                         atol=tol if atol is None else atol)
-    method = _adjoint_method(adjoint, solver, controller)
-    # Step sizes carry no gradient (BacksolveAdjoint cannot differentiate its
-    # initial state, and diffrax's automatic first step depends on y0).
-    if dt0 is not None:
-      first_step = jax.lax.stop_gradient(jnp.asarray(dt0, dtype) / t1_)
-    elif isinstance(method, diffrax.BacksolveAdjoint):
-      first_step = jnp.asarray(1e-2, dtype)
-    else:
-      first_step = None
-    sol = diffrax.diffeqsolve(
-        term, solver, t0=jnp.zeros((), dtype), t1=jnp.ones((), dtype), dt0=first_step,
-        y0=params, args=(params, support, reg_, t1_), saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=controller, adjoint=method,
-        max_steps=max_steps, throw=False)
-    phi = jax.tree.map(lambda y: y[-1], sol.ys)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree.leaves(phi)]))
-    success = (sol.result == diffrax.RESULTS.successful) & finite
-    if throw:
-      _common.raise_if(~success, "adjoint solver: gradient flow failed (max_steps or a "
-                       "non-finite state) at t={time:.6g} of t1={t1:.6g} after {steps} steps",
-                       time=sol.ts[-1] * t1_,
-                       t1=t1_, steps=sol.stats["num_steps"])
-    if not return_info:
-      return phi
-    stats = sol.stats
-    return phi, AdjointInfo(stats["num_steps"], stats["num_accepted_steps"],
-                            stats["num_rejected_steps"], success)
-
-  return adapt
+  return Adjoint(loss_fn, t1=t1, reg=reg, solver=solver, dt0=dt0,
+                 stepsize_controller=stepsize_controller, rtol=rtol, atol=atol,
+                 max_steps=max_steps, adjoint=adjoint, throw=throw)

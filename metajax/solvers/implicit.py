@@ -6,79 +6,214 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from metajax.solvers import _common, linear_solvers
-from metajax.solvers.inner_optimizers import minimize
+from metajax.solvers import _common, inner_optimizers, linear_solvers
+from metajax.solvers._result import (
+    RESULTS,
+    AdaptInfo,
+    error_if,
+    fixed_iteration_result,
+    nondifferentiable,
+)
+from metajax.solvers.base import InnerSolver
 
 PyTree = Any
 
 
 class LinearSolveInfo(NamedTuple):
-  """Diagnostics of the backward linear solve ``(I + H / reg) g = v``.
+  """Diagnostics of the linear solve ``(I + H / reg) g = v`` of the implicit gradient.
 
   Attributes:
+    result: a :class:`~metajax.solvers.RESULTS` code: ``successful``, ``linear_solve_failed``
+      (tolerance missed), ``diverged`` (a fixed-iteration solve, ``tol=0``, whose residual
+      grew past 1e4 times ``||v||``) or ``nonfinite``.
     residual: ``||(I + H/reg) g - v|| / ||v||`` reached.
     maxiter: the linear solver's iteration cap (``-1``: its default).
-    converged: whether the residual met the solver's tolerance (always True
-      for a fixed iteration count, ``tol=0``).
   """
 
+  result: jax.Array
   residual: jax.Array
   maxiter: int
-  converged: jax.Array
+
+  @property
+  def success(self) -> jax.Array:
+    return self.result == RESULTS.successful
 
 
-def _float_mask(tree):
-  return jax.tree.map(lambda x: jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact), tree)
+def _linear_result(solver: linear_solvers.LinearSolver, rel, finite, dtype) -> jax.Array:
+  tol = solver.resolved_tol_for(dtype)
+  if tol > 0:
+    met = rel <= 10 * tol
+    return jnp.where(~finite, RESULTS.nonfinite, jnp.where(
+        met, RESULTS.successful, RESULTS.linear_solve_failed)).astype(jnp.int32)
+  return fixed_iteration_result(finite, rel, jnp.ones((), rel.dtype))
+
+
+class Implicit(InnerSolver):
+  """The proximal inner problem solved to tolerance, differentiated implicitly (see
+  :func:`implicit`)."""
+
+  name = "implicit"
+  hyperparameters = ("reg",)
+
+  def __init__(self, loss_fn, *, reg, optimizer, max_steps, tol, linear_solver, throw):
+    super().__init__(loss_fn, throw=throw)
+    _common.check_hyperparameter("reg", reg, strict=True)
+    self.reg = reg
+    self.optimizer = inner_optimizers.as_inner_optimizer(
+        inner_optimizers.lbfgs() if optimizer is None else optimizer)
+    self.max_steps = _common.check_positive_int("max_steps", max_steps)
+    _common.check_tolerance("tol", tol)
+    self.tol = tol
+    self.linear_solver = linear_solvers.cg() if linear_solver is None else linear_solver
+    if not isinstance(self.linear_solver, linear_solvers.LinearSolver):
+      raise TypeError("linear_solver must be a metajax.solvers.linear_solvers solver "
+                      f"(cg(), gmres(), neumann(), ...), got {self.linear_solver!r}.")
+    self._minimize = inner_optimizers.minimize(self.optimizer, steps=max_steps, tol=tol)
+    self._grad = jax.grad(loss_fn)
+
+  # -- pieces -------------------------------------------------------------------------------
+  def _reg(self, params, reg):
+    if reg is None:
+      reg = self.reg
+    else:
+      _common.check_hyperparameter("reg", reg, strict=True)
+    return _common.as_scalar("reg", reg, _common.params_dtype(params))
+
+  def _optimality(self, theta, support, reg):
+    """``F(phi) = grad L(phi) / reg + (phi - theta)``: zero at the solution, Jacobian I + H/reg."""
+    return lambda phi: _common.tree_axpy(1.0 / reg, self._grad(phi, support),
+                                         _common.tree_sub(phi, theta))
+
+  def _linear_solve(self, damped, b):
+    """Solves ``damped(x) = b`` (the operator with the solver's ridge added);
+    returns ``(x, LinearSolveInfo)``."""
+    solver = self.linear_solver
+    x = solver.method(damped, b, maxiter=solver.maxiter, tol=solver.resolved_tol(b))
+    residual = _common.tree_norm(_common.tree_sub(damped(x), b))
+    norm_b = _common.tree_norm(b)
+    rel = residual / jnp.maximum(norm_b, jnp.finfo(residual.dtype).tiny)
+    rel = jnp.where(norm_b == 0, residual, rel)
+    finite = jnp.isfinite(rel)
+    result = _linear_result(solver, rel, finite, _common.params_dtype(b, "cotangent"))
+    return x, LinearSolveInfo(result, rel, -1 if solver.maxiter is None else solver.maxiter)
+
+  def _tangent_solve(self, g, y):
+    """The IFT's linear solve, transposable (reverse mode) through ``custom_linear_solve``."""
+    def solve(matvec, b):
+      x, info = self._linear_solve(matvec, b)
+      if self.throw:
+        x = error_if(x, info.result, "metajax implicit solver, linear-solve stage "
+                     "((I + H/reg) g = v of the implicit gradient)",
+                     relative_residual=info.residual)
+      return x
+    return jax.lax.custom_linear_solve(self.linear_solver.damped(g), y, solve, symmetric=True)
+
+  # -- the solve ----------------------------------------------------------------------------
+  def _solve(self, params, support, *, reg=None):
+    reg_ = self._reg(params, reg)
+    hyper_result = (_common.hyperparameter_result(reg_) if _common.is_traced(reg_)
+                    else jnp.zeros((), jnp.int32))
+    safe_reg = jnp.where(hyper_result == 0, reg_, jnp.ones_like(reg_))
+
+    def forward(_, theta0):
+      theta_, support_, reg__ = jax.lax.stop_gradient((params, support, safe_reg))
+      def objective(phi):
+        diff = _common.tree_sub(phi, theta_)
+        return self.loss_fn(phi, support_) + 0.5 * reg__ * _common.tree_vdot(diff, diff)
+      out = self._minimize(objective, jax.lax.stop_gradient(theta0))
+      result = jnp.where(hyper_result != 0, hyper_result, out.result).astype(jnp.int32)
+      phi = out.x
+      if self.throw:
+        phi = error_if(phi, result, "metajax implicit solver, inner stage (proximal problem)",
+                       iterations=out.iterations, residual=out.residual,
+                       relative_residual=out.residual / jnp.maximum(
+                           out.initial_residual, jnp.finfo(out.residual.dtype).tiny),
+                       reg=reg_)
+      # custom_root gives integer aux outputs integer tangents (not float0): carry them as
+      # floats through it and cast back below.
+      info = AdaptInfo(result=result.astype(out.residual.dtype),
+                       steps=out.iterations.astype(out.residual.dtype), residual=out.residual,
+                       loss=self.loss_fn(phi, support_),
+                       stats={"initial_residual": out.initial_residual})
+      return phi, info
+
+    phi, info = jax.lax.custom_root(self._optimality(params, support, safe_reg), params,
+                                    forward, self._tangent_solve, has_aux=True)
+    return phi, info._replace(result=info.result.astype(jnp.int32),
+                              steps=info.steps.astype(jnp.int32))
+
+  def linear_solve_info(self, params, support, cotangent, *, reg=None) -> LinearSolveInfo:
+    """Runs the inner solve and the backward linear solve for ``cotangent``; reports the latter.
+
+    Example:
+      >>> import jax.numpy as jnp, metajax
+      >>> loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
+      >>> adapt = metajax.solvers.implicit(loss, reg=1.0)
+      >>> info = adapt.linear_solve_info(jnp.zeros(2), jnp.ones(2), jnp.ones(2))
+      >>> bool(info.success)
+      True
+    """
+    self._check_inputs(params, support)
+    reg_ = self._reg(params, reg)
+    phi, _ = self.solve(params, support, reg=reg_)
+    f = self._optimality(params, support, reg_)
+    matvec = lambda u: jax.jvp(f, (phi,), (u,))[1]
+    return nondifferentiable(
+        self._linear_solve(self.linear_solver.damped(matvec), cotangent)[1])
 
 
 def implicit(
     loss_fn: Callable[[PyTree, PyTree], jax.Array],
     *,
     reg: Any,
-    inner: str | optax.GradientTransformation = "lbfgs",
-    inner_steps: int = 500,
-    inner_tol: float | None = None,
-    inner_step_size: float | None = None,
-    newton_cg_steps: int = 20,
-    linear_solver: linear_solvers.LinearSolver | Callable | None = None,
-    throw: bool = False,
-):
+    optimizer: inner_optimizers.InnerOptimizer | Any = None,
+    max_steps: int = 500,
+    tol: float | None = None,
+    linear_solver: linear_solvers.LinearSolver | None = None,
+    throw: bool = True,
+) -> Implicit:
   """Proximal inner problem solved to tolerance, differentiated implicitly (iMAML).
 
   The inner problem is ``argmin_phi loss_fn(phi, support) + reg/2 ||phi - theta||^2``
-  started from ``theta``. Its meta-gradient solves ``(I + H/reg) g = v`` with
-  Hessian-vector products (``H`` the support-loss Hessian at the solution,
-  ``v`` the incoming cotangent); no gradient flows through the inner
-  iterations, so memory does not grow with their number.
+  started from ``theta``. Its derivative follows from the optimality condition
+  ``F(phi) = grad L(phi)/reg + phi - theta = 0`` (``jax.lax.custom_root``): a linear solve
+  with ``I + H/reg`` (``H`` the support-loss Hessian at the solution) by Hessian-vector
+  products. No gradient flows through the inner iterations, so memory does not grow with
+  their number.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set.
-    reg: proximal strength (> 0). May also be passed at call time, possibly
-      traced; it then receives its meta-gradient.
-    inner: the inner optimizer: ``"lbfgs"`` (default, ``optax.lbfgs`` with a
-      zoom line search), ``"gd"`` (iMAML-GD, needs ``inner_step_size``),
-      ``"newton_cg"`` (iMAML-HF: Newton steps with ``newton_cg_steps`` CG
-      iterations and a backtracking line search), or any optax optimizer.
-    inner_steps: iteration cap of the inner solve (static).
-    inner_tol: stop when the stationarity residual is at most ``inner_tol``
-      times its value at ``theta``. ``None``: 1e-10 (float64) or 1e-5
-      (float32); ``0``: always run ``inner_steps`` iterations.
-    inner_step_size: step size for ``inner="gd"``.
-    newton_cg_steps: CG iterations per Newton step for ``inner="newton_cg"``.
-    linear_solver: ``solve(matvec, b)`` for the backward pass; default
-      :func:`linear_solvers.cg`. iMAML's setting is ``linear_solvers.cg(maxiter=5, tol=0)``
-      (its official code also damps the system: ``ridge=1.0``).
-    throw: raise a ``RuntimeError`` (a ``JaxRuntimeError`` under ``jit``)
-      naming the stage and the residual reached when the inner solve or the
-      linear solve misses its tolerance.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set. It may close over
+      traced values (a learned loss weight, features computed from meta-parameters,
+      per-task values under ``vmap``): they receive their implicit gradients.
+    reg: proximal strength (finite, > 0). May also be passed at call time, possibly
+      traced; it then receives its meta-gradient (traced values are checked at run time;
+      keep a learned ``reg`` positive with ``meta_objective(..., learn={"reg": "log"})``).
+    optimizer: the inner optimizer: :func:`inner_optimizers.lbfgs` (default: scale-free,
+      line search), :func:`inner_optimizers.gd` (iMAML-GD), :func:`inner_optimizers.newton_cg`
+      (iMAML-HF), or any optax ``GradientTransformation``.
+    max_steps: iteration cap of the inner solve (static).
+    tol: stop when the stationarity residual is at most ``tol`` times its value at
+      ``theta``. ``None``: 1e-10 (float64) or 1e-5 (float32); ``0``: run exactly
+      ``max_steps`` iterations (iMAML's fixed-steps setting; then the status says whether
+      the run stayed finite and did not diverge).
+    linear_solver: a :mod:`~metajax.solvers.linear_solvers` solver for the implicit
+      gradient; default ``cg()``. iMAML's setting is ``cg(maxiter=5, tol=0)`` (its
+      official code also damps the system: ``ridge=1.0``).
+    throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the stage, the task and the
+      residual reached when the inner solve or the linear solve fails, or a NaN appears;
+      ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    ``adapt(params, support, *, reg=None, return_info=False)``; with
-    ``return_info`` it returns ``(phi, ImplicitInfo)``. ``adapt.linear_solve_info(
-    params, support, cotangent)`` reports the backward solve for a cotangent.
+    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, reg=None)``;
+    ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
+    ``stats={"initial_residual": ...}``; ``adapt.linear_solve_info(params, support,
+    cotangent)`` reports the backward linear solve.
+
+  Supports ``jit``, ``vmap``, ``grad``, ``jvp``/``jacfwd``, ``grad`` of ``grad``,
+  ``hessian`` and closures over traced values (implicit rule through ``custom_root``).
+  With ReLU networks the inner loss is not smooth: L-BFGS's default tolerance may be out of
+  reach; ``throw`` then says so (use a looser ``tol`` or a fixed-steps setting).
 
   Example:
     >>> import jax, jax.numpy as jnp, metajax
@@ -88,96 +223,5 @@ def implicit(
     >>> [round(float(v), 6) for v in phi]
     [0.5, 0.5]
   """
-  _common.check_callable("loss_fn", loss_fn)
-  _common.check_nonnegative_float("reg", reg, strict=True)
-  _common.check_positive_int("inner_steps", inner_steps)
-  if linear_solver is None:
-    linear_solver = linear_solvers.cg()
-  _common.check_callable("linear_solver", linear_solver)
-  default_reg = reg
-  grad_fn = jax.grad(loss_fn)
-  solve_inner = minimize(inner, steps=inner_steps, tol=inner_tol, step_size=inner_step_size,
-                         newton_cg_steps=newton_cg_steps)
-
-  def proximal(theta, support, reg_):
-    def objective(phi):
-      diff = _common.tree_sub(phi, theta)
-      return loss_fn(phi, support) + 0.5 * reg_ * _common.tree_vdot(diff, diff)
-    return objective
-
-  def optimality(phi, theta, support, reg_):
-    """``grad L(phi) / reg + (phi - theta)``: zero at the solution; phi-Jacobian I + H/reg."""
-    return _common.tree_axpy(1.0 / reg_, grad_fn(phi, support), _common.tree_sub(phi, theta))
-
-  def forward(theta, support, reg_):
-    phi, info = solve_inner(proximal(theta, support, reg_), theta)
-    if throw:
-      _common.raise_if(~info.converged,
-                       "implicit solver, inner stage: no convergence after {iterations} "
-                       "iterations; stationarity residual {residual:.3e}",
-                       iterations=info.inner_iterations, residual=info.inner_residual)
-    return phi, info
-
-  def backward_solve(phi, theta, support, reg_, cotangent):
-    matvec = lambda u: jax.jvp(lambda p: optimality(p, theta, support, reg_), (phi,), (u,))[1]
-    u = linear_solver(matvec, cotangent)
-    solved = linear_solver.damped(matvec) if hasattr(linear_solver, "damped") else matvec
-    residual = _common.tree_norm(_common.tree_sub(solved(u), cotangent))
-    rel = residual / jnp.maximum(_common.tree_norm(cotangent), jnp.finfo(residual.dtype).tiny)
-    tol = linear_solver.resolved_tol(cotangent) if hasattr(linear_solver, "resolved_tol") else 0.0
-    converged = rel <= 10 * tol if tol > 0 else jnp.ones((), bool)
-    maxiter = getattr(linear_solver, "maxiter", None)
-    return u, LinearSolveInfo(rel, -1 if maxiter is None else maxiter, converged)
-
-  @jax.custom_vjp
-  def solve(theta, support, reg_):
-    return forward(theta, support, reg_)
-
-  def solve_fwd(theta, support, reg_):
-    phi, info = forward(theta, support, reg_)
-    return (phi, info), (phi, theta, support, reg_)
-
-  def solve_bwd(residuals, cotangents):
-    phi, theta, support, reg_ = residuals
-    phi_bar, _ = cotangents
-    phi_bar = jax.tree.map(
-        lambda c, p: jnp.zeros_like(p) if c.dtype == jax.dtypes.float0 else c, phi_bar, phi)
-    u, lin = backward_solve(phi, theta, support, reg_, phi_bar)
-    if throw:
-      _common.raise_if(~lin.converged,
-                       "implicit solver, linear-solve stage: relative residual {residual:.3e} "
-                       "above tolerance", residual=lin.residual)
-    mask = _float_mask(support)
-    float_support = jax.tree.map(lambda x, m: x if m else None, support, mask)
-
-    def g(theta_, float_support_, reg__):
-      full = jax.tree.map(lambda f, x, m: f if m else x, float_support_, support, mask,
-                          is_leaf=lambda x: x is None)
-      return optimality(phi, theta_, full, reg__)
-
-    _, vjp = jax.vjp(g, theta, float_support, reg_)
-    theta_bar, support_bar, reg_bar = vjp(jax.tree.map(jnp.negative, u))
-    support_bar = jax.tree.map(
-        lambda b, x, m: b if m else np.zeros(np.shape(x), jax.dtypes.float0),
-        support_bar, support, mask, is_leaf=lambda x: x is None)
-    return theta_bar, support_bar, reg_bar
-
-  solve.defvjp(solve_fwd, solve_bwd)
-
-  def _reg(params, reg_):
-    value = default_reg if reg_ is None else reg_
-    _common.check_nonnegative_float("reg", value, strict=True)
-    return _common.as_scalar("reg", value, _common.params_dtype(params))
-
-  def adapt(params, support, *, reg=None, return_info=False):
-    phi, info = solve(params, support, _reg(params, reg))
-    return (phi, info) if return_info else phi
-
-  def linear_solve_info(params, support, cotangent, *, reg=None) -> LinearSolveInfo:
-    """Runs the forward solve and the backward linear solve for ``cotangent``."""
-    reg_ = _reg(params, reg)
-    phi, _ = forward(params, support, reg_)
-    return backward_solve(phi, params, support, reg_, cotangent)[1]
-
-  adapt.linear_solve_info = linear_solve_info
-  return adapt
+  return Implicit(loss_fn, reg=reg, optimizer=optimizer, max_steps=max_steps, tol=tol,
+                  linear_solver=linear_solver, throw=throw)

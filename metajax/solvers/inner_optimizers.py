@@ -1,31 +1,92 @@
-"""Inner optimizers for the implicit solver: run to a tolerance, never differentiated."""
+"""Inner optimizers for the implicit solver, as objects: run to a tolerance, never differentiated.
+
+``implicit(loss_fn, reg=..., optimizer=gd(0.1))``, ``optimizer=lbfgs()``,
+``optimizer=newton_cg(cg_steps=20)``, or any optax ``GradientTransformation``.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from metajax.solvers import _common, _loops, linear_solvers
+from metajax.solvers._result import RESULTS, all_finite, fixed_iteration_result
 
 
-class ImplicitInfo(NamedTuple):
-  """Diagnostics of the forward (inner) solve.
+@dataclasses.dataclass(frozen=True)
+class InnerOptimizer:
+  """A configured inner optimizer: an optax transformation, or Newton-CG.
 
   Attributes:
-    inner_residual: ``||grad_phi [L(phi) + reg/2 ||phi - theta||^2]||`` reached.
-    inner_iterations: iterations run.
-    converged: whether the residual met the tolerance.
+    name: which method.
+    transformation: the optax ``GradientTransformation`` (``None`` for Newton-CG).
+    cg_steps: CG iterations per Newton step (Newton-CG only).
   """
 
-  inner_residual: jax.Array
-  inner_iterations: jax.Array
-  converged: jax.Array
+  name: str
+  transformation: Any = None
+  cg_steps: int = 0
 
 
-INNER_CHOICES = ("lbfgs", "gd", "newton_cg")
+def gd(step_size: float) -> InnerOptimizer:
+  """Gradient descent with a fixed step (iMAML-GD uses 0.1 for Omniglot).
+
+  Example:
+    >>> from metajax.solvers import inner_optimizers
+    >>> inner_optimizers.gd(0.1).name
+    'gd'
+  """
+  _common.check_hyperparameter("gd step_size", step_size, strict=True)
+  return InnerOptimizer("gd", optax.sgd(float(step_size)))
+
+
+def lbfgs(*, memory_size: int = 10) -> InnerOptimizer:
+  """optax's L-BFGS with a zoom line search (scale-free: no step size to choose).
+
+  Example:
+    >>> from metajax.solvers import inner_optimizers
+    >>> inner_optimizers.lbfgs().name
+    'lbfgs'
+  """
+  _common.check_positive_int("memory_size", memory_size)
+  return InnerOptimizer("lbfgs", optax.lbfgs(memory_size=memory_size))
+
+
+def newton_cg(*, cg_steps: int = 20) -> InnerOptimizer:
+  """Hessian-free Newton steps (iMAML-HF): ``cg_steps`` CG iterations and a backtracking search.
+
+  Example:
+    >>> from metajax.solvers import inner_optimizers
+    >>> inner_optimizers.newton_cg(cg_steps=10).cg_steps
+    10
+  """
+  return InnerOptimizer("newton_cg", None, _common.check_positive_int("cg_steps", cg_steps))
+
+
+def as_inner_optimizer(optimizer) -> InnerOptimizer:
+  if isinstance(optimizer, InnerOptimizer):
+    return optimizer
+  if isinstance(optimizer, str):
+    raise TypeError(f"optimizer must be an object, not the string {optimizer!r}: use "
+                    "metajax.solvers.inner_optimizers.gd(step_size), .lbfgs() or .newton_cg(), "
+                    "or an optax GradientTransformation.")
+  if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+    return InnerOptimizer(getattr(optimizer, "__name__", "optax"), optimizer)
+  raise TypeError(f"optimizer must be an inner optimizer (metajax.solvers.inner_optimizers) or "
+                  f"an optax GradientTransformation, got {optimizer!r}.")
+
+
+class MinimizeResult(NamedTuple):
+  x: Any
+  result: jax.Array
+  iterations: jax.Array
+  residual: jax.Array
+  initial_residual: jax.Array
+  value: jax.Array
 
 
 def _newton_cg_step(objective, phi, value, grad, cg_steps):
@@ -49,57 +110,53 @@ def _newton_cg_step(objective, phi, value, grad, cg_steps):
   return trial(t)
 
 
-def minimize(inner, *, steps: int, tol: float | None, step_size: float | None,
-             newton_cg_steps: int, unroll: bool | str = "auto") -> Callable:
-  """Builds ``solve(objective, x0) -> (x, ImplicitInfo)`` for the chosen inner optimizer.
+def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
+             unroll: bool | str = "auto") -> Callable:
+  """Builds ``solve(objective, x0) -> MinimizeResult``.
 
-  Stops after ``steps`` iterations or when ``||grad|| <= tol * ||grad(x0)||``.
-  With ``tol=0`` (a fixed iteration count) the loop may be unrolled
-  (``unroll=True``, or ``"auto"`` for convolutions on CPU, where XLA runs
-  convolutions in rolled loops ~20x slower); no gradient flows through it, so
-  unrolling costs compile time, not memory.
+  Stops after ``steps`` iterations or when ``||grad|| <= tol * ||grad(x0)||``; the result is
+  ``successful`` when that held, ``max_steps_reached`` when the cap came first, ``nonfinite``
+  when a NaN or inf appeared. ``tol=0`` runs exactly ``steps`` iterations (iMAML's setting) and
+  is ``successful`` unless the residual grew more than 1e4-fold (``diverged``) or became
+  non-finite. With ``tol=0`` on CPU convolutions the loop is unrolled (XLA runs convolutions in
+  rolled loops ~20x slower); no gradient flows through it, so that costs compile time only.
   """
-  if isinstance(inner, str):
-    if inner not in INNER_CHOICES:
-      raise ValueError(f"inner must be one of {INNER_CHOICES} or an optax optimizer, "
-                       f"got {inner!r}.")
-    if inner == "gd" and step_size is None:
-      raise ValueError("inner='gd' needs inner_step_size (iMAML-GD uses 0.1).")
-    if inner != "gd" and step_size is not None:
-      raise ValueError(f"inner_step_size is only used by inner='gd', not inner={inner!r}.")
-  elif not hasattr(inner, "update"):
-    raise TypeError(f"inner must be a string or an optax GradientTransformation, got {inner!r}.")
-  if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
-    raise ValueError(f"inner_tol must be a float >= 0 or None, got {tol!r}.")
-  _common.check_positive_int("newton_cg_steps", newton_cg_steps)
-  optimizer = {"lbfgs": optax.lbfgs(), "gd": optax.sgd(step_size) if step_size else None}.get(
-      inner) if isinstance(inner, str) else inner
-  extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+  _common.check_positive_int("max_steps", steps)
+  _common.check_tolerance("tol", tol)
+  transformation = optimizer.transformation
+  extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
+  from_state = optimizer.name == "lbfgs"
 
-  def solve(objective, x0):
+  def solve(objective, x0) -> MinimizeResult:
     dtype = _common.params_dtype(x0)
     rtol = tol if tol is not None else _common.default_tol(dtype, float64=1e-10, float32=1e-5)
     value_and_grad = jax.value_and_grad(objective)
     value0, grad0 = value_and_grad(x0)
-    threshold = rtol * _common.tree_norm(grad0)
-    state0 = None if optimizer is None else optimizer.init(x0)
+    norm0 = _common.tree_norm(grad0)
+    threshold = rtol * norm0
+    state0 = None if transformation is None else transformation.init(x0)
 
     def cond(carry):
-      i, _, _, _, grad, _ = carry
-      return (i < steps) & (_common.tree_norm(grad) > threshold)
+      i, _, _, _, grad = carry
+      norm = _common.tree_norm(grad)
+      return (i < steps) & (norm > threshold)  # a NaN norm stops the loop too
 
     def body(carry):
-      i, x, state, value, grad, _ = carry
-      if optimizer is None:  # newton_cg
-        x = _newton_cg_step(objective, x, value, grad, newton_cg_steps)
+      i, x, state, value, grad = carry
+      if transformation is None:  # newton_cg
+        x = _newton_cg_step(objective, x, value, grad, optimizer.cg_steps)
+        value, grad = value_and_grad(x)
       else:
         kwargs = dict(value=value, grad=grad, value_fn=objective) if extra_args else {}
-        updates, state = optimizer.update(grad, state, x, **kwargs)
+        updates, state = transformation.update(grad, state, x, **kwargs)
         x = optax.apply_updates(x, updates)
-      value, grad = value_and_grad(x)
-      return i + 1, x, state, value, grad, value
+        if from_state:  # the zoom line search already evaluated the new point
+          value, grad = optax.value_and_grad_from_state(objective)(x, state=state)
+        else:
+          value, grad = value_and_grad(x)
+      return i + 1, x, state, value, grad
 
-    init = (jnp.zeros((), jnp.int32), x0, state0, value0, grad0, value0)
+    init = (jnp.zeros((), jnp.int32), x0, state0, value0, grad0)
     fixed = tol == 0
     if fixed and unroll == "auto":
       unrolled_loop = jax.default_backend() == "cpu" and _loops.uses_convolution(
@@ -110,10 +167,17 @@ def minimize(inner, *, steps: int, tol: float | None, step_size: float | None,
       carry = init
       for _ in range(steps):
         carry = body(carry)
-      iterations, x, _, _, grad, _ = carry
     else:
-      iterations, x, _, _, grad, _ = jax.lax.while_loop(cond, body, init)
+      carry = jax.lax.while_loop(cond, body, init)
+    iterations, x, _, value, grad = carry
     residual = _common.tree_norm(grad)
-    return x, ImplicitInfo(residual, iterations, residual <= threshold)
+    finite = all_finite(x) & jnp.isfinite(residual) & jnp.isfinite(value)
+    if fixed:
+      result = fixed_iteration_result(finite, residual, norm0)
+    else:
+      result = jnp.where(~finite, RESULTS.nonfinite, jnp.where(
+          residual <= threshold, RESULTS.successful, RESULTS.max_steps_reached))
+    return MinimizeResult(x, result.astype(jnp.int32), iterations, residual, norm0, value)
 
   return solve
+

@@ -39,9 +39,12 @@ class LinearSolver:
   ridge: float = 0.0
 
   def resolved_tol(self, b) -> float:
+    return self.resolved_tol_for(_common.params_dtype(b, "b"))
+
+  def resolved_tol_for(self, dtype) -> float:
     if self.tol is not None:
       return self.tol
-    return _common.default_tol(_common.params_dtype(b), float64=1e-10, float32=1e-6)
+    return _common.default_tol(dtype, float64=1e-10, float32=1e-6)
 
   def damped(self, matvec: Callable) -> Callable:
     """``matvec`` plus ``ridge`` times the identity: the operator actually solved."""
@@ -54,12 +57,13 @@ class LinearSolver:
 
 
 def _check(maxiter, tol, ridge=0.0):
-  if not isinstance(ridge, (int, float)) or ridge < 0:
-    raise ValueError(f"ridge must be a float >= 0, got {ridge!r}.")
+  _common.check_tolerance("ridge", ridge)
   if maxiter is not None:
     _common.check_positive_int("maxiter", maxiter)
-  if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
-    raise ValueError(f"tol must be a float >= 0 or None, got {tol!r}.")
+  _common.check_tolerance("tol", tol)
+  if tol == 0 and maxiter is None:
+    raise ValueError("tol=0 runs exactly maxiter iterations: set maxiter too (iMAML: "
+                     "cg(maxiter=5, tol=0)).")
 
 
 def _jaxopt(name: str, fn: Callable) -> Callable:
@@ -104,8 +108,7 @@ def neumann(*, terms: int = 20, scale: float = 1.0, ridge: float = 0.0) -> Linea
   """
   _common.check_positive_int("terms", terms)
   _check(None, None, ridge)
-  if not scale > 0:
-    raise ValueError(f"scale must be > 0, got {scale!r}.")
+  _common.check_hyperparameter("scale", scale, strict=True)
 
   def method(matvec, b, maxiter, tol):
     del tol

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from metajax.solvers import _common, _loops
+from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
+from metajax.solvers.base import InnerSolver
 
 PyTree = Any
-_UNSET = object()
-
-
-class UnrolledInfo(NamedTuple):
-  """Diagnostics of one unrolled adaptation.
-
-  Attributes:
-    losses: support loss before each inner step, shape ``(steps,)``.
-    final_loss: support loss at the adapted parameters.
-    grad_norm: norm of the support-loss gradient at the adapted parameters.
-  """
-
-  losses: jax.Array
-  final_loss: jax.Array
-  grad_norm: jax.Array
+DEFAULT_STEP_SIZE = 0.01
 
 
 def _step_size_tree(step_size, params: PyTree, dtype) -> PyTree:
@@ -48,26 +36,118 @@ def _step_size_tree(step_size, params: PyTree, dtype) -> PyTree:
       f"{jax.tree.structure(params)}.")
 
 
+class Unrolled(InnerSolver):
+  """K inner steps differentiated by backpropagation (see :func:`unrolled`)."""
+
+  name = "unrolled"
+
+  def __init__(self, loss_fn, *, steps, step_size, optimizer, first_order, remat, unroll,
+               step_aware, throw):
+    super().__init__(loss_fn, throw=throw)
+    self.steps = _common.check_positive_int("steps", steps)
+    if optimizer is not None and step_size is not None:
+      raise ValueError(
+          "step_size is only used by plain gradient descent; with optimizer= set the "
+          "learning rate inside the optax optimizer instead.")
+    if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+      raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
+    for flag, value in (("first_order", first_order), ("remat", remat),
+                        ("step_aware", step_aware)):
+      if not isinstance(value, bool):
+        raise TypeError(f"{flag} must be True or False, got {value!r}.")
+    if not (unroll == "auto" or unroll is True or (
+        isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
+      raise ValueError(f"unroll must be 'auto', True, or an int >= 1; got {unroll!r}.")
+    self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
+    if self.step_size is not None:
+      _common.check_hyperparameter("step_size", self.step_size, strict=False)
+    self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
+    self.unroll, self.step_aware = unroll, step_aware
+    self.hyperparameters = () if optimizer is not None else ("step_size",)
+    self._value_and_grad = jax.value_and_grad(loss_fn)
+
+  def _loss_args(self, k):
+    return (k,) if self.step_aware else ()
+
+  def _check_inputs(self, params, support):
+    if self.step_aware:  # loss_fn takes the step index: check it with step 0
+      probe = Unrolled.__new__(Unrolled)
+      probe.__dict__.update(self.__dict__, loss_fn=lambda p, b: self.loss_fn(p, b, 0),
+                            step_aware=False)
+      return InnerSolver._check_inputs(probe, params, support)
+    return super()._check_inputs(params, support)
+
+  def _solve(self, params, support, *, step_size=None):
+    dtype = _common.params_dtype(params)
+    rates = None
+    if self.optimizer is None:
+      if step_size is None:
+        step_size = self.step_size
+      else:
+        _common.check_hyperparameter("step_size", step_size, strict=False)
+      rates = _step_size_tree(step_size, params, dtype)
+
+    def step(carry):
+      phi, opt_state, k = carry
+      loss, grads = self._value_and_grad(phi, support, *self._loss_args(k))
+      if self.first_order:
+        grads = jax.lax.stop_gradient(grads)
+      if self.optimizer is None:
+        phi = jax.tree.map(lambda p, g, a: p - a * g, phi, grads, rates)
+      else:
+        updates, opt_state = self.optimizer.update(grads, opt_state, phi)
+        phi = optax.apply_updates(phi, updates)
+      return (phi, opt_state, k + 1), loss
+
+    if self.remat:
+      step = jax.checkpoint(step)
+    opt_state = None if self.optimizer is None else self.optimizer.init(params)
+    probe = (lambda p, b: self.loss_fn(p, b, 0)) if self.step_aware else self.loss_fn
+    n_unroll = _loops.resolve_unroll(self.unroll, self.steps, probe, params, support)
+    carry = (params, opt_state, jnp.zeros((), jnp.int32))
+    (phi, _, k), losses = _loops.repeat(step, carry, self.steps, n_unroll)
+
+    finite_losses = jnp.isfinite(losses)
+    finite = jnp.all(finite_losses) & all_finite(phi)
+    hyper_ok = (RESULTS.successful if rates is None or not _common.is_traced(rates)
+                else _common.hyperparameter_result(rates, strict=False))
+    result = jnp.where(hyper_ok != 0, hyper_ok,
+                       jnp.where(finite, RESULTS.successful, RESULTS.nonfinite)).astype(jnp.int32)
+    first_bad = jnp.where(jnp.all(finite_losses), self.steps, jnp.argmin(finite_losses))
+    if self.throw:
+      values = dict(inner_step=first_bad, support_loss=jnp.where(
+          first_bad < self.steps, losses[jnp.minimum(first_bad, self.steps - 1)], losses[-1]))
+      if rates is not None:
+        values["step_size"] = _common.worst(rates)
+      phi = error_if(phi, result, "metajax unrolled solver, inner stage", **values)
+    final_loss, grads = self._value_and_grad(phi, support, *self._loss_args(k))
+    info = AdaptInfo(result=result, steps=k, residual=_common.tree_norm(grads), loss=final_loss,
+                     stats={"losses": losses})
+    return phi, info
+
+
 def unrolled(
     loss_fn: Callable[[PyTree, PyTree], jax.Array],
     *,
     steps: int,
-    step_size: Any = _UNSET,
+    step_size: Any = None,
     optimizer: optax.GradientTransformation | None = None,
     first_order: bool = False,
     remat: bool = False,
     unroll: int | bool | str = "auto",
     step_aware: bool = False,
-):
+    throw: bool = True,
+) -> Unrolled:
   """K inner steps, differentiated by backpropagation through the loop (MAML).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set. It may close over
+      traced values (differentiated or vmapped): plain backpropagation sees them.
     steps: number of inner steps ``K`` (static).
-    step_size: inner learning rate for plain gradient descent: a scalar, or a
-      pytree shaped like ``params`` for per-parameter step sizes (Meta-SGD).
-      Defaults to 0.01. It can also be passed at call time (possibly traced),
-      and then receives a meta-gradient.
+    step_size: inner learning rate for plain gradient descent (finite, >= 0): a scalar, or
+      a pytree shaped like ``params`` for per-parameter step sizes (Meta-SGD). Default
+      0.01. It can also be passed at call time (possibly traced), and then receives a
+      meta-gradient; traced values are checked at run time.
     optimizer: any optax ``GradientTransformation`` used as the inner
       optimizer instead of gradient descent. To differentiate through Adam, use
       ``optax.adam(lr, eps_root=1e-8)`` (or :func:`differentiable_adam`):
@@ -83,10 +163,17 @@ def unrolled(
     step_aware: call ``loss_fn(params, batch, step)`` with the inner step
       index ``0..K-1`` (an int32 scalar), e.g. for MAML++'s per-step batch norm
       with :func:`metajax.models.select_step`.
+    throw: raise when the support loss or the adapted parameters become non-finite (or a
+      traced step size is negative or NaN), naming the inner step, the task and the loss
+      reached; ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    ``adapt(params, support, *, step_size=None, return_info=False)`` returning
-    adapted params (and an :class:`UnrolledInfo` when ``return_info``).
+    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, step_size=None)``
+    returns the adapted params; ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
+    ``stats={"losses": support loss before each step, shape (steps,)}``.
+
+  Supports ``jit``, ``vmap``, ``grad``, ``jvp``/``jacfwd``, ``grad`` of ``grad`` and
+  closures over traced values (it is plain JAX).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -98,53 +185,9 @@ def unrolled(
     >>> round(float(phi['w']), 4)
     0.976
   """
-  _common.check_callable("loss_fn", loss_fn)
-  _common.check_positive_int("steps", steps)
-  if optimizer is not None and step_size is not _UNSET:
-    raise ValueError(
-        "step_size is only used by plain gradient descent; with optimizer= set the "
-        "learning rate inside the optax optimizer instead.")
-  if optimizer is not None and not hasattr(optimizer, "update"):
-    raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
-  default_step_size = 0.01 if step_size is _UNSET else step_size
-  if step_size is not _UNSET and len(jax.tree.leaves(step_size)) == 1:
-    _common.check_nonnegative_float("step_size", jax.tree.leaves(step_size)[0])
-  value_and_grad = jax.value_and_grad(loss_fn)
-
-  def adapt(params, support, *, step_size=None, return_info=False):
-    dtype = _common.params_dtype(params)
-    if optimizer is not None and step_size is not None:
-      raise ValueError("step_size cannot be passed at call time when optimizer= is set.")
-    rates = None
-    if optimizer is None:
-      rates = _step_size_tree(default_step_size if step_size is None else step_size,
-                              params, dtype)
-
-    def step(carry):
-      phi, opt_state, k = carry
-      loss, grads = value_and_grad(phi, support, *((k,) if step_aware else ()))
-      if first_order:
-        grads = jax.lax.stop_gradient(grads)
-      if optimizer is None:
-        phi = jax.tree.map(lambda p, g, a: p - a * g, phi, grads, rates)
-      else:
-        updates, opt_state = optimizer.update(grads, opt_state, phi)
-        phi = optax.apply_updates(phi, updates)
-      return (phi, opt_state, k + 1), loss
-
-    if remat:
-      step = jax.checkpoint(step)
-    opt_state = None if optimizer is None else optimizer.init(params)
-    probe = (lambda p, b: loss_fn(p, b, 0)) if step_aware else loss_fn
-    n_unroll = _loops.resolve_unroll(unroll, steps, probe, params, support)
-    carry = (params, opt_state, jnp.zeros((), jnp.int32))
-    (phi, _, k), losses = _loops.repeat(step, carry, steps, n_unroll)
-    if not return_info:
-      return phi
-    final_loss, grads = value_and_grad(phi, support, *((k,) if step_aware else ()))
-    return phi, UnrolledInfo(losses, final_loss, _common.tree_norm(grads))
-
-  return adapt
+  return Unrolled(loss_fn, steps=steps, step_size=step_size, optimizer=optimizer,
+                  first_order=first_order, remat=remat, unroll=unroll, step_aware=step_aware,
+                  throw=throw)
 
 
 def differentiable_adam(learning_rate, **kwargs) -> optax.GradientTransformation:

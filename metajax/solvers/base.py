@@ -1,0 +1,93 @@
+"""The inner-solver contract: ``phi = adapt(params, support, **hyperparameters)``.
+
+Every solver (:func:`~metajax.solvers.unrolled`, :func:`~metajax.solvers.implicit`,
+:func:`~metajax.solvers.adjoint`) is an :class:`InnerSolver`: a callable object whose static
+settings are fixed at construction and whose call takes only arrays, so ``jax.jit(adapt)``,
+``jax.vmap(adapt, in_axes=(None, 0))`` and ``jax.grad`` apply to it directly.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from metajax.solvers import _common
+from metajax.solvers._result import AdaptInfo, nondifferentiable
+
+PyTree = Any
+
+
+class InnerSolver(abc.ABC):
+  """An inner solver: ``adapt(params, support, **hyperparameters) -> phi``.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` on the support set. It may close over
+      traced values (learned loss weights, per-task values under ``vmap``): every solver
+      differentiates through them.
+    throw: raise at run time when the solve fails (the default); with ``throw=False``
+      :meth:`solve` reports the failure in ``AdaptInfo.result`` instead.
+    hyperparameters: names of the float hyperparameters that may be passed at call time
+      (possibly traced, then they receive gradients), e.g. ``("step_size",)``.
+  """
+
+  name: str = "inner"
+  hyperparameters: tuple[str, ...] = ()
+
+  def __init__(self, loss_fn: Callable, *, throw: bool = True):
+    _common.check_callable("loss_fn", loss_fn)
+    if not isinstance(throw, bool):
+      raise TypeError(f"throw must be True or False, got {throw!r}.")
+    self.loss_fn, self.throw = loss_fn, throw
+
+  def __call__(self, params: PyTree, support: PyTree, **hyperparameters) -> PyTree:
+    """The adapted parameters (same structure as ``params``)."""
+    return self.solve(params, support, **hyperparameters)[0]
+
+  def solve(self, params: PyTree, support: PyTree, **hyperparameters) -> tuple[PyTree, AdaptInfo]:
+    """The adapted parameters and an :class:`~metajax.solvers.AdaptInfo`.
+
+    With ``throw=True`` a failure still raises; with ``throw=False`` it is reported in
+    ``info.result``. The info is not differentiable (reverse mode through it raises).
+    """
+    self._check_hyperparameter_names(hyperparameters)
+    self._check_inputs(params, support)
+    phi, info = self._solve(params, support, **hyperparameters)
+    return phi, nondifferentiable(info)
+
+  @abc.abstractmethod
+  def _solve(self, params, support, **hyperparameters) -> tuple[PyTree, AdaptInfo]:
+    ...
+
+  def _check_hyperparameter_names(self, hyperparameters: dict) -> None:
+    if "return_info" in hyperparameters:
+      raise TypeError("return_info is not a call argument: use adapt.solve(params, support) "
+                      "for (phi, AdaptInfo); static options never share the call's namespace.")
+    unknown = sorted(set(hyperparameters) - set(self.hyperparameters))
+    if unknown:
+      raise TypeError(f"{self.name} solver got unknown call-time hyperparameters {unknown}; "
+                      f"it accepts {list(self.hyperparameters)}.")
+
+  def _check_inputs(self, params, support) -> None:
+    _common.params_dtype(params)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(support):
+      if hasattr(leaf, "shape") and 0 in leaf.shape:
+        raise ValueError(f"support{jax.tree_util.keystr(path)} is empty (shape "
+                         f"{tuple(leaf.shape)}): a task needs at least one support example.")
+    try:
+      out = jax.eval_shape(self.loss_fn, params, support)
+    except (TypeError, ValueError) as err:
+      raise type(err)(f"{self.name} solver: loss_fn(params, support) failed on these "
+                      f"params and support: {err}") from err
+    if not hasattr(out, "shape") or out.shape != ():
+      shape = getattr(out, "shape", type(out).__name__)
+      raise ValueError(f"loss_fn(params, support) must return a scalar, got {shape}; reduce it "
+                       "(e.g. with jnp.mean) over the batch.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+      raise TypeError(f"loss_fn(params, support) must return a floating-point scalar, got "
+                      f"dtype {out.dtype}.")
+
+  def __repr__(self) -> str:
+    return f"metajax.solvers.{self.name}(loss_fn={getattr(self.loss_fn, '__name__', '...')})"
