@@ -1,8 +1,9 @@
-"""Pieces shared by the experiment scripts: solver choice, logging, progress, plots."""
+"""Pieces shared by the experiment scripts: flag checks, solver choice, logging, progress, plots."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -14,6 +15,69 @@ import optax
 import metajax
 
 SOLVERS = ("maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint")
+# jax.random.key(seed) keeps 32 bits with float64 off: seed 2**32 is seed 0 again.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _flag_value(args, flag: str):
+  return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def check_flags(parser, args, *, positive_int=(), positive_float=(), nonnegative_float=(),
+                int_range=None) -> None:
+  """Rejects out-of-range numeric flags with ``parser.error`` (exit status 2), naming the flag.
+
+  Flags are written as on the command line (``"--meta-batch"``); one whose value is None (an
+  optional flag left unset) is skipped.
+
+  Args:
+    parser: the ``argparse.ArgumentParser`` that parsed ``args``.
+    args: the parsed namespace.
+    positive_int: integer flags that must be >= 1.
+    positive_float: float flags that must be finite and > 0.
+    nonnegative_float: float flags that must be finite and >= 0.
+    int_range: ``{flag: (low, high)}`` for integer flags with other bounds (inclusive; ``high``
+      may be None).
+
+  Example:
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(prog="demo")
+    >>> _ = p.add_argument("--iterations", type=int)
+    >>> check_flags(p, p.parse_args(["--iterations", "0"]), positive_int=["--iterations"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+  """
+  bounds = {flag: (1, None) for flag in positive_int}
+  bounds.update(int_range or {})
+  for flag, (low, high) in bounds.items():
+    value = _flag_value(args, flag)
+    if value is None:
+      continue
+    if value < low or (high is not None and value > high):
+      allowed = f">= {low}" if high is None else f"between {low} and {high}"
+      parser.error(f"{flag} must be {allowed}, got {value}.")
+  for flags, strict in ((positive_float, True), (nonnegative_float, False)):
+    for flag in flags:
+      value = _flag_value(args, flag)
+      if value is None:
+        continue
+      if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        parser.error(f"{flag} must be a finite number {'> 0' if strict else '>= 0'}, "
+                     f"got {value}.")
+
+
+def check_chunk(parser, args) -> None:
+  """Caps ``--chunk`` at ``--iterations``, which it must then divide (``parser.error`` if not).
+
+  Each jitted call runs ``--chunk`` meta-iterations, so a chunk that does not divide the
+  iterations would train more or fewer iterations than asked. Sets ``args.chunk``.
+  """
+  chunk = min(args.chunk, args.iterations)
+  if args.iterations % chunk:
+    parser.error(f"--chunk {args.chunk} must divide --iterations {args.iterations} (each jitted "
+                 "call runs --chunk meta-iterations).")
+  args.chunk = chunk
 
 
 def add_solver_flags(parser, *, inner_steps: int, inner_lr: float) -> None:
@@ -28,6 +92,12 @@ def add_solver_flags(parser, *, inner_steps: int, inner_lr: float) -> None:
                       help="adjoint horizon (default inner_steps * inner_lr)")
 
 
+def check_solver_flags(parser, args) -> None:
+  """:func:`check_flags` for the flags of :func:`add_solver_flags`."""
+  check_flags(parser, args, positive_int=("--inner-steps", "--cg-steps"),
+              positive_float=("--inner-lr", "--reg", "--t1"), nonnegative_float=("--cg-ridge",))
+
+
 def make_adapt(args, loss_fn):
   """The inner solver named by ``args.solver``; returns ``(adapt, learn)``."""
   s = metajax.solvers
@@ -38,8 +108,8 @@ def make_adapt(args, loss_fn):
     return s.unrolled(loss_fn, steps=args.inner_steps, step_size=args.inner_lr,
                       first_order=True), ()
   if args.solver == "imaml":
-    return s.implicit(loss_fn, reg=args.reg, inner="gd", inner_steps=args.inner_steps,
-                      inner_step_size=args.inner_lr, inner_tol=0.0,
+    return s.implicit(loss_fn, reg=args.reg, optimizer=s.inner_optimizers.gd(args.inner_lr),
+                      max_steps=args.inner_steps, tol=0.0,
                       linear_solver=s.linear_solvers.cg(maxiter=args.cg_steps, tol=0.0,
                                                         ridge=getattr(args, "cg_ridge", 0.0))), ()
   if args.solver == "adjoint":

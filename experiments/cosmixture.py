@@ -31,12 +31,18 @@ import common  # noqa: E402
 
 import metajax  # noqa: E402
 
+# Meta-SGD's learned step sizes would need their own initialization and evaluation here.
+COSMIXTURE_SOLVERS = tuple(s for s in common.SOLVERS if s != "metasgd")
+
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--solvers", default="maml,fomaml,imaml,adjoint")
+  p = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                              description=__doc__.splitlines()[0])
+  p.add_argument("--solvers", default="maml,fomaml,imaml,adjoint",
+                 help=f"comma-separated, from {','.join(COSMIXTURE_SOLVERS)}")
   p.add_argument("--iterations", type=int, default=2000)
-  p.add_argument("--chunk", type=int, default=100)
+  p.add_argument("--chunk", type=int, default=100,
+                 help="meta-iterations per jitted call (capped at --iterations, must divide it)")
   p.add_argument("--meta-batch", type=int, default=10)
   p.add_argument("--shots", type=int, default=20)
   p.add_argument("--inner-steps", type=int, default=20)
@@ -45,7 +51,25 @@ def parse_args(argv=None):
   p.add_argument("--eval-tasks", type=int, default=600)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="runs/cosmixture")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  common.check_flags(p, args, positive_int=("--iterations", "--chunk", "--meta-batch", "--shots",
+                                            "--inner-steps"),
+                     positive_float=("--inner-lr", "--reg"),
+                     int_range={"--eval-tasks": (2, None), "--seed": common.SEED_RANGE})
+  common.check_chunk(p, args)
+  names = args.solvers.split(",")
+  if "" in names:
+    p.error(f"--solvers {args.solvers!r} has an empty name: separate names by single commas.")
+  if "metasgd" in names:
+    p.error("--solvers metasgd is not supported by cosmixture.py; choose from "
+            f"{','.join(COSMIXTURE_SOLVERS)}.")
+  unknown = [n for n in names if n not in COSMIXTURE_SOLVERS]
+  if unknown:
+    p.error(f"--solvers has unknown names {unknown}; choose from {','.join(COSMIXTURE_SOLVERS)}.")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    p.error(f"--solvers repeats {repeated}: name each solver once.")
+  return args
 
 
 def run_solver(solver, args, params, apply_fn, keys):

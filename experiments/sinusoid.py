@@ -36,7 +36,8 @@ PAPER_MSE = {1: 0.67, 5: 0.38, 10: 0.35}  # MAML Fig. 3 text, 5-shot, trained 10
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                              description=__doc__.splitlines()[0])
   common.add_solver_flags(p, inner_steps=1, inner_lr=0.001)  # the MAML code's (module docstring)
   p.add_argument("--iterations", type=int, default=70_000)
   p.add_argument("--meta-batch", type=int, default=25)
@@ -46,14 +47,23 @@ def parse_args(argv=None):
   p.add_argument("--eval-tasks", type=int, default=600)
   p.add_argument("--eval-queries", type=int, default=100)
   p.add_argument("--eval-steps", type=int, default=10)
-  p.add_argument("--chunk", type=int, default=1000, help="meta-iterations per jitted call")
+  p.add_argument("--chunk", type=int, default=1000,
+                 help="meta-iterations per jitted call (capped at --iterations, must divide it)")
   p.add_argument("--init", choices=("lecun", "maml"), default="lecun",
                  help="weights: flax's LeCun normal, or the MAML code's truncated normal "
                       "(std 0.01; at --inner-lr 0.01 5/10-step fine-tuning diverged in 3 of 4 "
                       "seeds, at 0.001 it learns more slowly: README)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="runs/sinusoid")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  common.check_solver_flags(p, args)
+  common.check_flags(p, args, positive_int=("--iterations", "--meta-batch", "--shots",
+                                            "--eval-shots", "--eval-queries", "--eval-steps",
+                                            "--chunk"),
+                     positive_float=("--meta-lr",),
+                     int_range={"--eval-tasks": (2, None), "--seed": common.SEED_RANGE})
+  common.check_chunk(p, args)
+  return args
 
 
 def adaptation_curve(apply_fn, meta_params, learn, args, key):
@@ -84,9 +94,7 @@ def main(argv=None):
   loss_fn = metajax.meta.mse_loss(apply_fn)
   adapt, learn = common.make_adapt(args, loss_fn)
   optimizer = common.outer_optimizer(args)
-  chunk = min(args.chunk, args.iterations)
-  if args.iterations % chunk:
-    raise SystemExit(f"--iterations ({args.iterations}) must be a multiple of --chunk ({chunk}).")
+  chunk = args.chunk  # divides args.iterations (parse_args)
   train_step = metajax.meta.make_train_step(
       common.value_and_grad_for(args, adapt, loss_fn, learn), optimizer,
       metajax.tasks.sinusoid(num_support=args.shots, num_query=args.shots),

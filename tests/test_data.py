@@ -47,8 +47,15 @@ def omniglot_dir(tmp_path_factory):
 
 
 def test_omniglot_zips_checksum_is_verified(omniglot_dir):
-  with pytest.raises(ValueError, match="images_background.zip has sha256"):
+  with pytest.raises(ValueError, match=r"images_background.zip is \d+ bytes, expected 9464212"):
     metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=6)
+  # Same size, other bytes: the sha256 decides.
+  size = omniglot.OMNIGLOT_ARCHIVES["images_background.zip"][0]
+  fake = omniglot_dir / "same_size" / "images_background.zip"
+  fake.parent.mkdir()
+  fake.write_bytes(b"\0" * size)
+  with pytest.raises(ValueError, match="images_background.zip has sha256 .* download it again"):
+    omniglot._check_archive(str(fake))
 
 
 def test_omniglot_zips_load_vinyals_split(omniglot_dir):
@@ -65,6 +72,20 @@ def test_omniglot_zips_load_vinyals_split(omniglot_dir):
   assert os.path.exists(omniglot_dir / "omniglot_28.npz")
   again = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=6, verify=False)
   np.testing.assert_array_equal(again["test"], data["test"])
+
+
+def test_omniglot_cache_holds_the_unsplit_characters(omniglot_dir):
+  """The cache is split after loading: another num_train gets its own split, not the cached one."""
+  six = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=6, verify=False)
+  with np.load(omniglot_dir / "omniglot_28.npz") as cache:
+    assert cache.files == ["characters"] and cache["characters"].shape == (10, 20, 28, 28)
+  eight = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=8, verify=False)
+  assert eight["train"].shape == (8, 20, 28, 28, 1) and eight["test"].shape == (2, 20, 28, 28, 1)
+  both = np.concatenate([six["train"], six["test"]])
+  np.testing.assert_array_equal(np.concatenate([eight["train"], eight["test"]]), both)
+  uncached = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=8, verify=False,
+                                             cache=False)
+  np.testing.assert_array_equal(uncached["train"], eight["train"])
 
 
 def test_omniglot_missing_archives_say_where_to_put_them(tmp_path):
@@ -131,3 +152,22 @@ def test_digits_have_disjoint_class_splits():
   assert not any(np.array_equal(a, b) for a in data["train"][:, 0] for b in data["test"][:, 0])
   with pytest.raises(ValueError, match="overlap"):
     metajax.data.load_digits((0, 1, 2), (2, 3, 4))
+
+
+def test_digits_classes_are_validated_not_wrapped():
+  """A negative class used to index from the end (-1 leaked digit 9 into meta-training)."""
+  with pytest.raises(ValueError, match=r"train_classes holds \[-1\], outside .* 0..9"):
+    metajax.data.load_digits((0, 1, -1), (5, 6, 7))
+  data = metajax.data.load_digits((3, 0), np.array([9, 1]))  # order kept, numpy ints accepted
+  grouped = metajax.data.load_digits(tuple(range(5)), tuple(range(5, 10)))
+  np.testing.assert_array_equal(data["train"], grouped["train"][[3, 0]])
+  np.testing.assert_array_equal(data["test"][0], grouped["test"][4])  # digit 9
+  np.testing.assert_array_equal(data["test"][1], grouped["train"][1])  # digit 1
+
+
+def test_group_by_class_requires_equal_classes_unless_per_class():
+  images, labels = np.arange(7), np.array([2, 1, 2, 1, 2, 0, 0])
+  with pytest.raises(ValueError, match=r"most have 2, but class 2 has 3\.$"):
+    omniglot.group_by_class(images, labels)
+  np.testing.assert_array_equal(omniglot.group_by_class(images, labels, per_class=2),
+                                [[5, 6], [1, 3], [0, 2]])

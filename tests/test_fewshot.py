@@ -198,7 +198,8 @@ def test_fewshot_train_step_compiles_once_and_copies_no_images(solver, conv_impl
     adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.4)
   else:
     adapt = metajax.solvers.implicit(
-        loss, reg=2.0, optimizer=metajax.solvers.inner_optimizers.gd(0.4), max_steps=3, tol=0.0)
+        loss, reg=2.0, optimizer=metajax.solvers.inner_optimizers.gd(0.4), max_steps=3, tol=0.0,
+        linear_solver=metajax.solvers.linear_solvers.cg(maxiter=5, tol=0))
   optimizer = optax.adam(1e-3)
   step = metajax.meta.make_train_step(
       jax.value_and_grad(metajax.meta.meta_objective(adapt, loss)), optimizer, sample,

@@ -1,4 +1,4 @@
-"""Helpers shared by the dataset loaders."""
+"""Helpers shared by the dataset loaders: argument checks, grouping by class, the array cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,23 @@ import hashlib
 import os
 
 import numpy as np
+
+
+def check_positive_int(name: str, value) -> int:
+  """Returns ``value`` as an int if it is an integer >= 1; otherwise raises, naming ``name``.
+
+  Example:
+    >>> from metajax.data._common import check_positive_int
+    >>> check_positive_int("image_size", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: image_size must be >= 1, got 0.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {value!r}.")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}.")
+  return int(value)
 
 
 def sha256(path: str) -> str:
@@ -16,34 +33,102 @@ def sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def group_by_class(images, labels, *, per_class: int | None = None) -> np.ndarray:
+def _listing(items: list, limit: int = 5) -> str:
+  shown = ", ".join(items[:limit])
+  return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def group_by_class(images, labels, *, per_class: int | None = None,
+                   noun: str = "class") -> np.ndarray:
   """Stacks images into ``(num_classes, per_class, ...)`` in sorted label order.
 
-  Classes with more than ``per_class`` examples are truncated (first ones kept);
-  ``per_class=None`` uses the smallest class size.
+  Within a class, examples keep their order.
+
+  Args:
+    images: ``(N, ...)`` examples.
+    labels: ``(N,)`` labels, any sortable type.
+    per_class: keep the first ``per_class`` examples of each class; every class must have at
+      least that many. ``None``: every class must have the same number of examples.
+    noun: what a class is called in error messages (``"character"`` for Omniglot).
+
+  Returns:
+    ``(num_classes, per_class, ...)`` array.
+
+  Raises:
+    ValueError: a length mismatch, no examples, or a class of the wrong size (the message names
+      the class and how many examples it has).
+
+  Example:
+    >>> import numpy as np
+    >>> from metajax.data._common import group_by_class
+    >>> group_by_class(np.arange(4), np.array(["b", "a", "b", "a"])).tolist()
+    [[1, 3], [0, 2]]
+    >>> group_by_class(np.arange(3), np.array(["a", "a", "b"]))
+    Traceback (most recent call last):
+    ...
+    ValueError: classes have unequal numbers of examples: most have 2, but class b has 1.
   """
   images, labels = np.asarray(images), np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}.")
   if len(images) != len(labels):
     raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-  classes = np.unique(labels)
-  counts = np.array([(labels == c).sum() for c in classes])
-  size = int(counts.min()) if per_class is None else per_class
-  if counts.min() < size:
-    raise ValueError(f"class {classes[counts.argmin()]} has {counts.min()} examples, "
-                     f"fewer than per_class={size}.")
+  if not len(labels):
+    raise ValueError("no examples to group: images and labels are empty.")
+  classes, counts = np.unique(labels, return_counts=True)
+  if per_class is None:
+    sizes, frequency = np.unique(counts, return_counts=True)
+    size = int(sizes[frequency == frequency.max()].max())  # the most common; ties: the largest
+    odd = [f"{noun} {c} has {n}" for c, n in zip(classes, counts) if n != size]
+    if odd:
+      nouns = noun + ("es" if noun.endswith("s") else "s")
+      raise ValueError(f"{nouns} have unequal numbers of examples: most have {size}, but "
+                       f"{_listing(odd)}.")
+  else:
+    size = check_positive_int("per_class", per_class)
+    small = [f"{noun} {c} has {n}" for c, n in zip(classes, counts) if n < size]
+    if small:
+      raise ValueError(f"{_listing(small)} examples, fewer than per_class={size}.")
   return np.stack([images[labels == c][:size] for c in classes])
 
 
-def cached(path: str | None, build):
-  """Loads ``{'name': array}`` from the ``.npz`` at ``path``, else builds and saves it."""
-  if path and os.path.exists(path):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
-  arrays = build()
-  if path:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8):
+  """Loads ``{'name': array}`` from the ``.npz`` at ``path``, else builds and saves it.
+
+  Args:
+    path: the cache file, or None for no cache.
+    build: ``() -> {'name': array}``, called when there is no cache file.
+    expect: the arrays the cache must hold and their shapes (``None``: any size on that axis).
+    dtype: the dtype every cached array must have.
+
+  Raises:
+    ValueError: the cache file is unreadable (corrupt or truncated) or does not hold the expected
+      arrays; the message names the file and says to delete it.
+  """
+  if not (path and os.path.exists(path)):
+    arrays = build()
+    if path:
+      tmp = path + ".tmp.npz"
+      np.savez(tmp, **arrays)
+      os.replace(tmp, path)
+    return arrays
+  fix = "delete it and it will be rebuilt from the source files"
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
+  except Exception as err:  # any failure to read means the file is unusable
+    raise ValueError(f"cache file {path} is corrupt or truncated ({type(err).__name__}: "
+                     f"{err}); {fix}.") from err
+  for name, shape in expect.items():
+    if name not in arrays:
+      raise ValueError(f"cache file {path} does not hold the array {name!r} (it holds "
+                       f"{sorted(arrays)}: written by another metajax version?); {fix}.")
+    array = arrays[name]
+    if (array.dtype != dtype or array.ndim != len(shape)
+        or any(want not in (None, got) for want, got in zip(shape, array.shape))):
+      want = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
+      raise ValueError(f"cache file {path} holds {name!r} as {array.dtype} {array.shape}, "
+                       f"expected {np.dtype(dtype)} {want}; {fix}.")
   return arrays
 
 

@@ -17,9 +17,39 @@ import os
 
 import numpy as np
 
-from metajax.data._common import cached, group_by_class, require_pillow
+from metajax.data._common import cached, check_positive_int, group_by_class, require_pillow
 
 SPLITS = ("train", "val", "test")
+HEADER = ("filename", "label")
+
+
+def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
+  """``(filenames, labels)`` listed in a split file with the header ``filename,label``."""
+  try:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+      rows = list(csv.reader(f))
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{csv_path} is not a UTF-8 text CSV file ({err}).") from err
+  if not rows:
+    raise ValueError(f"{csv_path} is empty: expected the header 'filename,label' and one row "
+                     "per image.")
+  header = [name.strip() for name in rows[0]]
+  if sorted(header) != sorted(HEADER):
+    raise ValueError(f"{csv_path} has the header {','.join(rows[0])!r}, expected "
+                     "'filename,label'.")
+  file_col, label_col = header.index("filename"), header.index("label")
+  filenames, labels = [], []
+  for line, row in enumerate(rows[1:], start=2):
+    if not row:
+      continue  # a blank line
+    if len(row) != 2 or not row[file_col].strip() or not row[label_col].strip():
+      raise ValueError(f"{csv_path} line {line}: expected 'filename,label', got "
+                       f"{','.join(row)!r}.")
+    filenames.append(row[file_col].strip())
+    labels.append(row[label_col].strip())
+  if not filenames:
+    raise ValueError(f"{csv_path} lists no images, only the header.")
+  return filenames, labels
 
 
 def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
@@ -28,19 +58,36 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
 
   Args:
     root: folder with the split CSV files and ``images/``.
-    splits: which of ``train``, ``val``, ``test`` to load.
+    splits: which of ``train``, ``val``, ``test`` to load (a sequence of names).
     image_size: output height and width.
     cache: save each split as ``mini_<split>_<size>.npz`` in ``root`` and reuse it.
+
+  Raises:
+    FileNotFoundError: ``root``, a split file or listed images are missing (named).
+    ValueError: bad ``splits`` or ``image_size``, a malformed split file, classes with
+      different numbers of images, an unreadable image or cache file; the message names
+      the argument or file.
 
   Example:
     >>> from metajax.data import load_miniimagenet
     >>> data = load_miniimagenet("~/data/miniimagenet", splits=("test",))  # doctest: +SKIP
   """
-  root = os.path.expanduser(root)
-  Image = require_pillow("miniImageNet")
+  image_size = check_positive_int("image_size", image_size)
+  if isinstance(splits, str):
+    raise TypeError(f"splits must be a sequence of split names such as ({splits!r},), not the "
+                    f"string {splits!r}.")
+  splits = tuple(splits)
+  if not splits:
+    raise ValueError(f"splits is empty; choose from {SPLITS}.")
   unknown = set(splits) - set(SPLITS)
   if unknown:
     raise ValueError(f"unknown splits {sorted(unknown)}; choose from {SPLITS}.")
+  root = os.path.expanduser(root)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"miniImageNet root {root} is not a directory: it must hold "
+                            "Ravi & Larochelle's split files and images/.")
+  Image = require_pillow("miniImageNet")
+  image_dir = os.path.join(root, "images")
   out = {}
   for split in splits:
     csv_path = os.path.join(root, f"{split}.csv")
@@ -49,18 +96,29 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
                               "and images/ in root.")
 
     def build(csv_path=csv_path):
-      with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-      if not rows or set(rows[0]) != {"filename", "label"}:
-        raise ValueError(f"{csv_path} must have the header 'filename,label'.")
+      filenames, labels = _read_split(csv_path)
+      try:  # (classes, per_class) indices into the rows; checked before decoding anything
+        order = group_by_class(np.arange(len(labels)), np.asarray(labels))
+      except ValueError as err:
+        raise ValueError(f"{csv_path}: {err}") from None
+      paths = [os.path.join(image_dir, name) for name in filenames]
+      missing = [name for name, path in zip(filenames, paths) if not os.path.isfile(path)]
+      if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} images listed in {csv_path} "
+                                f"are missing from {image_dir}: {missing[:3]}"
+                                f"{' ...' if len(missing) > 3 else ''}.")
       images = []
-      for row in rows:
-        with Image.open(os.path.join(root, "images", row["filename"])) as image:
-          image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-          images.append(np.asarray(image, np.uint8))
-      labels = [row["label"] for row in rows]
-      return {"images": group_by_class(np.stack(images), np.asarray(labels))}
+      for path in paths:
+        try:
+          with Image.open(path) as image:
+            image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            images.append(np.asarray(image, np.uint8))
+        except OSError as err:  # PIL.UnidentifiedImageError, truncated image data
+          raise ValueError(f"{path} (listed in {csv_path}) is not a readable image "
+                           f"({err}).") from err
+      return {"images": np.stack(images)[order]}
 
     path = os.path.join(root, f"mini_{split}_{image_size}.npz") if cache else None
-    out[split] = cached(path, build)["images"]
+    expect = {"images": (None, None, image_size, image_size, 3)}
+    out[split] = cached(path, build, expect=expect)["images"]
   return out

@@ -30,10 +30,17 @@ import io
 import os
 import re
 import zipfile
+import zlib
 
 import numpy as np
 
-from metajax.data._common import cached, require_pillow, sha256
+from metajax.data._common import (
+    cached,
+    check_positive_int,
+    group_by_class,
+    require_pillow,
+    sha256,
+)
 
 OMNIGLOT_ARCHIVES = {
     "images_background.zip": (9464212,
@@ -59,6 +66,9 @@ def _to_array(image, image_size: int) -> np.ndarray:
 def vinyals_split(by_character: np.ndarray, num_train: int = 1200) -> dict[str, np.ndarray]:
   """Splits ``(characters, drawers, H, W)`` into train (first ``num_train``) and test, adding C=1.
 
+  Raises:
+    ValueError: ``by_character`` is not 4-D, or ``num_train`` leaves no character for one split.
+
   Example:
     >>> import numpy as np
     >>> from metajax.data import vinyals_split
@@ -66,11 +76,61 @@ def vinyals_split(by_character: np.ndarray, num_train: int = 1200) -> dict[str, 
     >>> split['train'].shape, split['test'].shape
     ((6, 20, 28, 28, 1), (4, 20, 28, 28, 1))
   """
-  if not 0 < num_train < len(by_character):
-    raise ValueError(f"num_train={num_train} must be between 1 and the {len(by_character)} "
-                     "characters minus one.")
+  if np.ndim(by_character) != 4:
+    raise ValueError("by_character must have shape (characters, drawers, H, W), got "
+                     f"{np.shape(by_character)}.")
+  num_train = check_positive_int("num_train", num_train)
+  total = len(by_character)
+  if num_train >= total:
+    raise ValueError(f"num_train={num_train} must be between 1 and {total - 1}: there are "
+                     f"{total} characters and the test split needs at least one.")
   by_character = by_character[..., None]
   return {"train": by_character[:num_train], "test": by_character[num_train:]}
+
+
+def _check_archive(path: str) -> None:
+  """Compares ``path``'s size, then its sha256, with :data:`OMNIGLOT_ARCHIVES`."""
+  size, digest = OMNIGLOT_ARCHIVES[os.path.basename(path)]
+  actual_size = os.path.getsize(path)
+  if actual_size != size:
+    raise ValueError(f"{path} is {actual_size} bytes, expected {size}: a truncated or different "
+                     "download; download it again (or pass verify=False for a modified copy).")
+  actual = sha256(path)
+  if actual != digest:
+    raise ValueError(f"{path} has sha256 {actual}, expected {digest}: a corrupt or different "
+                     "download; download it again (or pass verify=False for a modified copy).")
+
+
+def _read_archive(path: str, image_size: int, images: list, labels: list) -> None:
+  """Appends each ``<character>_<drawer>.png`` drawing of the zip at ``path`` and its character."""
+  Image = require_pillow("Omniglot")
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for name in sorted(archive.namelist()):
+        match = _NAME.search(name)
+        if not match:
+          continue
+        data = archive.read(name)
+        try:
+          with Image.open(io.BytesIO(data)) as image:
+            images.append(_to_array(image, image_size))
+        except OSError as err:  # PIL.UnidentifiedImageError, truncated image data
+          raise ValueError(f"{path}: {name} is not a readable image ({err}); download the "
+                           "archive again.") from err
+        labels.append(int(match.group(1)))
+  except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+    raise ValueError(f"{path} is not a readable zip archive ({type(err).__name__}: {err}): it "
+                     "is truncated or corrupt; download it again.") from err
+
+
+def _by_character(images: list, labels: list, source: str) -> np.ndarray:
+  """``(characters, drawers, H, W)`` in character order; every character needs as many drawings."""
+  if not images:
+    raise ValueError(f"no Omniglot drawings (<character>_<drawer>.png) found in {source}.")
+  try:
+    return group_by_class(np.stack(images), np.asarray(labels), noun="character")
+  except ValueError as err:
+    raise ValueError(f"{source}: {err}") from None
 
 
 def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int = 1200,
@@ -81,17 +141,25 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
     directory: folder holding ``images_background.zip`` and ``images_evaluation.zip``.
     image_size: output height and width.
     num_train: characters in the meta-training split (Vinyals: 1200).
-    verify: check each archive's sha256 against :data:`OMNIGLOT_ARCHIVES`.
-    cache: save the decoded arrays as ``omniglot_<size>.npz`` in ``directory``
-      and reuse them.
+    verify: check each archive's size and sha256 against :data:`OMNIGLOT_ARCHIVES`.
+    cache: save the decoded ``(characters, drawers, H, W)`` array, before the split, as
+      ``omniglot_<size>.npz`` in ``directory`` and reuse it (for any ``num_train``).
 
   Returns:
     ``{'train': (1200, 20, 28, 28, 1), 'test': (423, 20, 28, 28, 1)}`` (uint8).
+
+  Raises:
+    FileNotFoundError: an archive is missing.
+    ValueError: a bad ``image_size`` or ``num_train``, an archive that fails verification or
+      cannot be read, characters with different numbers of drawings, or an unreadable cache
+      file; the message names the argument or file.
 
   Example:
     >>> from metajax.data import load_omniglot_zips
     >>> data = load_omniglot_zips("~/data/omniglot")  # doctest: +SKIP
   """
+  image_size = check_positive_int("image_size", image_size)
+  num_train = check_positive_int("num_train", num_train)
   directory = os.path.expanduser(directory)
   paths = [os.path.join(directory, name) for name in DIRECT_ARCHIVES]
   missing = [p for p in paths if not os.path.exists(p)]
@@ -101,29 +169,17 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
         "github.com/brendenlake/omniglot (python/) and place them in directory.")
   if verify:
     for path in paths:
-      expected = OMNIGLOT_ARCHIVES[os.path.basename(path)][1]
-      actual = sha256(path)
-      if actual != expected:
-        raise ValueError(f"{path} has sha256 {actual}, expected {expected} (pass verify=False "
-                         "for a modified copy).")
+      _check_archive(path)
 
   def build():
-    drawings: dict[int, list] = {}
+    images, labels = [], []
     for path in paths:
-      with zipfile.ZipFile(path) as archive:
-        for name in sorted(archive.namelist()):
-          match = _NAME.search(name)
-          if match:
-            image = require_pillow("Omniglot").open(io.BytesIO(archive.read(name)))
-            drawings.setdefault(int(match.group(1)), []).append(_to_array(image, image_size))
-    if not drawings:
-      raise ValueError(f"no Omniglot drawings (<char>_<drawer>.png) found in {paths}.")
-    sizes = {len(v) for v in drawings.values()}
-    if len(sizes) != 1:
-      raise ValueError(f"characters have differing numbers of drawings: {sorted(sizes)}.")
-    return vinyals_split(np.stack([np.stack(drawings[c]) for c in sorted(drawings)]), num_train)
+      _read_archive(path, image_size, images, labels)
+    return {"characters": _by_character(images, labels, " and ".join(paths))}
 
-  return cached(os.path.join(directory, f"omniglot_{image_size}.npz") if cache else None, build)
+  path = os.path.join(directory, f"omniglot_{image_size}.npz") if cache else None
+  characters = cached(path, build, expect={"characters": (None, None, image_size, image_size)})
+  return vinyals_split(characters["characters"], num_train)
 
 
 def load_omniglot_tfds(data_dir: str | None = None, *, image_size: int = 28,
@@ -137,6 +193,8 @@ def load_omniglot_tfds(data_dir: str | None = None, *, image_size: int = 28,
     >>> from metajax.data import load_omniglot_tfds
     >>> data = load_omniglot_tfds("~/tensorflow_datasets")  # doctest: +SKIP
   """
+  image_size = check_positive_int("image_size", image_size)
+  num_train = check_positive_int("num_train", num_train)
   try:
     import tensorflow_datasets as tfds
   except ImportError as err:
@@ -144,15 +202,14 @@ def load_omniglot_tfds(data_dir: str | None = None, *, image_size: int = 28,
                       "pip install 'metajax[tfds]'.") from err
   Image = require_pillow("Omniglot")
   data_dir = os.path.expanduser(data_dir) if data_dir else None
-  drawings: dict[int, list] = {}
+  images, labels = [], []
   for split in ("train", "test"):
     source = tfds.data_source("omniglot", split=split, data_dir=data_dir, download=False)
     for i in range(len(source)):
       example = source[i]
       image = np.asarray(example["image"], np.uint8)
       image = Image.fromarray(image[..., 0] if image.ndim == 3 else image)
-      drawings.setdefault(int(example["label"]), []).append(_to_array(image, image_size))
-  sizes = {len(v) for v in drawings.values()}
-  if len(sizes) != 1:
-    raise ValueError(f"characters have differing numbers of drawings: {sorted(sizes)}.")
-  return vinyals_split(np.stack([np.stack(drawings[c]) for c in sorted(drawings)]), num_train)
+      images.append(_to_array(image, image_size))
+      labels.append(int(example["label"]))
+  where = f"tfds omniglot in {data_dir or 'the default data_dir'}"
+  return vinyals_split(_by_character(images, labels, where), num_train)

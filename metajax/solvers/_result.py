@@ -31,6 +31,7 @@ class RESULTS(enum.IntEnum):
   linear_solve_failed = 4
   ode_failed = 5
   invalid_hyperparameter = 6
+  invalid_input = 7
 
   @property
   def message(self) -> str:
@@ -50,6 +51,7 @@ _MESSAGES = {
     RESULTS.ode_failed: "the ODE solver failed (step size underflow or an internal error)",
     RESULTS.invalid_hyperparameter: "a hyperparameter passed as a traced value was out of range "
                                     "(NaN, inf, or not positive; see the values reached)",
+    RESULTS.invalid_input: "an input was out of range (see the values reached)",
 }
 
 # A fixed-iteration stage (tol=0) "diverged" when its residual grew by more than this factor.

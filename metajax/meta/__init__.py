@@ -1,0 +1,16 @@
+"""Meta-learning around the solvers: losses, meta-objectives, the train step, evaluation."""
+
+from metajax.meta.evaluation import (
+    confidence_interval,
+    evaluate,
+    evaluate_per_task,
+    make_evaluator,
+)
+from metajax.meta.losses import accuracy, cross_entropy_loss, mse_loss
+from metajax.meta.objectives import PARAMETRIZATIONS, meta_objective, reptile_value_and_grad
+from metajax.meta.train import TrainState, init_train_state, make_train_step
+
+__all__ = ["PARAMETRIZATIONS", "TrainState", "accuracy", "confidence_interval",
+           "cross_entropy_loss", "evaluate", "evaluate_per_task", "init_train_state",
+           "make_evaluator", "make_train_step", "meta_objective", "mse_loss",
+           "reptile_value_and_grad"]

@@ -1,0 +1,164 @@
+"""Meta-objectives: the mean query loss after adaptation, and Reptile's update direction."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from metajax.solvers import _loops
+from metajax.tasks import Task
+
+PyTree = Any
+PARAMETRIZATIONS = {
+    "identity": lambda v: v,
+    "log": lambda v: jax.tree.map(jnp.exp, v),  # stored value log(h): h = exp(stored) > 0
+    "softplus": lambda v: jax.tree.map(jax.nn.softplus, v),  # h = softplus(stored) > 0
+}
+TASK_BATCHING = ("auto",) + _loops.TASK_BATCHING
+
+
+def _learned(adapt: Callable, learn) -> dict[str, Callable]:
+  """``learn`` as ``{name: parametrization}``, checked against ``adapt``'s hyperparameters."""
+  if isinstance(learn, str):
+    raise TypeError(f"learn must be a tuple of names or a dict, not the string {learn!r} "
+                    f"(write learn=({learn!r},)).")
+  items = learn.items() if isinstance(learn, Mapping) else ((name, "identity") for name in learn)
+  out = {}
+  for name, how in items:
+    if how not in PARAMETRIZATIONS:
+      raise ValueError(f"learn[{name!r}] = {how!r}: choose a parametrization from "
+                       f"{sorted(PARAMETRIZATIONS)}.")
+    out[name] = PARAMETRIZATIONS[how]
+  accepted = getattr(adapt, "hyperparameters", None)
+  if accepted is not None:
+    unknown = sorted(set(out) - set(accepted))
+    if unknown:
+      raise ValueError(f"learn names {unknown}, which this solver does not take at call time; "
+                       f"it accepts {list(accepted)}.")
+  return out
+
+
+def _split(meta_params, learned: dict):
+  if not learned:
+    return meta_params, {}
+  if not isinstance(meta_params, dict) or "params" not in meta_params:
+    raise ValueError(
+        f"with learn={tuple(learned)!r}, meta_params must be a dict {{'params': ..., "
+        + ", ".join(f"'{name}': ..." for name in learned) + "}.")
+  missing = [name for name in learned if name not in meta_params]
+  if missing:
+    raise ValueError(f"meta_params lacks the learned hyperparameters {missing}.")
+  return meta_params["params"], {name: how(meta_params[name]) for name, how in learned.items()}
+
+
+def check_tasks(tasks) -> int:
+  """Validates a batch of tasks (a :class:`~metajax.tasks.Task` with a leading task axis);
+  returns the number of tasks."""
+  if not isinstance(tasks, Task):
+    raise TypeError(f"tasks must be a metajax.tasks.Task(support, query) with a leading task "
+                    f"axis, got {type(tasks).__name__}.")
+  sizes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tasks):
+    shape = jnp.shape(leaf)
+    where = f"tasks{jax.tree_util.keystr(path)}"
+    if not shape:
+      raise ValueError(f"{where} is a scalar: every leaf of tasks needs a leading task axis.")
+    sizes[where] = shape[0]
+  if not sizes:
+    raise ValueError("tasks has no arrays.")
+  if len(set(sizes.values())) > 1:
+    raise ValueError("every leaf of tasks must have the same number of tasks (leading axis); "
+                     f"got {sizes}.")
+  n = next(iter(sizes.values()))
+  if n == 0:
+    raise ValueError("tasks is empty (0 tasks).")
+  return n
+
+
+def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task) -> str:
+  if mode not in TASK_BATCHING:
+    raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {mode!r}.")
+  if mode != "auto":
+    return mode
+  first = jax.tree.map(lambda x: x[0], tasks.support)
+  return _loops.choose_task_batching(loss_fn, params, first)
+
+
+def meta_objective(adapt: Callable, loss_fn: Callable, *,
+                   learn: Sequence[str] | Mapping[str, str] = (),
+                   task_batching: str = "auto"):
+  """The meta-objective: mean over tasks of the query loss after adaptation.
+
+  Args:
+    adapt: an inner solver, ``adapt(params, support, **hyperparams)``.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (used on the query set).
+    learn: call-time hyperparameters of ``adapt`` that are learned too (``'step_size'`` for
+      Meta-SGD, ``'reg'``, ``'t1'``); names are checked against ``adapt.hyperparameters``.
+      Then ``meta_params = {'params': theta, name: value, ...}``. A dict chooses how each is
+      stored: ``{"reg": "log"}`` stores ``log(reg)`` (so ``reg = exp(stored)`` stays
+      positive under any update), ``"softplus"`` likewise, ``"identity"`` the value itself.
+    task_batching: how tasks are mapped: ``"vmap"``, ``"unroll"`` (a Python
+      loop over tasks inside the jitted program), ``"map"`` (``lax.map``), or
+      ``"auto"`` (see :func:`metajax.solvers.choose_task_batching`). The
+      numerics are the same either way.
+
+  Returns:
+    ``objective(meta_params, tasks) -> scalar`` where ``tasks`` is a
+    :class:`~metajax.tasks.Task` with a leading task axis.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
+    >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
+    >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 4)
+    >>> objective = metajax.meta.meta_objective(adapt, loss)
+    >>> jax.grad(objective)(jnp.ones((1, 1)), tasks).shape
+    (1, 1)
+  """
+  if not callable(adapt) or not callable(loss_fn):
+    raise TypeError("meta_objective(adapt, loss_fn): both must be callable.")
+  learned = _learned(adapt, learn)
+  if task_batching not in TASK_BATCHING:
+    raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
+
+  def task_loss(params, hyper, task):
+    return loss_fn(adapt(params, task.support, **hyper), task.query)
+
+  def objective(meta_params, tasks: Task):
+    check_tasks(tasks)
+    params, hyper = _split(meta_params, learned)
+    mode = _task_batching(task_batching, loss_fn, params, tasks)
+    return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task), tasks, mode))
+
+  return objective
+
+
+def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching: str = "auto"):
+  """Reptile's meta-update as a gradient: ``theta - mean_tasks(adapt(theta, support))``.
+
+  Feeding it to ``optax.sgd(epsilon)`` gives Reptile's
+  ``theta <- theta + epsilon * (phi - theta)``. The loss returned is the mean
+  query loss after adaptation (for logging).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
+    >>> adapt = metajax.solvers.unrolled(loss, steps=5, step_size=0.1)
+    >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 4)
+    >>> value, direction = metajax.meta.reptile_value_and_grad(adapt, loss)(jnp.ones((1, 1)), tasks)
+  """
+  if task_batching not in TASK_BATCHING:
+    raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
+
+  def value_and_grad(params, tasks: Task):
+    check_tasks(tasks)
+    def one(task):
+      phi = adapt(params, task.support)
+      return loss_fn(phi, task.query), phi
+    mode = _task_batching(task_batching, loss_fn, params, tasks)
+    losses, phis = _loops.map_tasks(one, tasks, mode)
+    direction = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), params, phis)
+    return jnp.mean(losses), direction
+  return value_and_grad

@@ -1,0 +1,241 @@
+"""The jitted meta-training step: sample tasks on device, adapt, meta-gradient, update."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metajax.solvers import _common, _loops
+from metajax.solvers._result import RESULTS, all_finite, context, error_if
+
+PyTree = Any
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class TrainState(NamedTuple):
+  """Meta-training state.
+
+  Attributes:
+    meta_params: the meta-parameters (and learned hyperparameters).
+    opt_state: the outer optimizer's state.
+    step: meta-iterations run (int32).
+    skipped: meta-iterations whose update was skipped for a non-finite loss or meta-gradient
+      (``make_train_step(..., nonfinite="skip")``; int32).
+  """
+
+  meta_params: PyTree
+  opt_state: PyTree
+  step: jax.Array
+  skipped: jax.Array
+
+
+def _check_optimizer(optimizer) -> None:
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
+
+
+def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> TrainState:
+  """A fresh :class:`TrainState` for ``meta_params``.
+
+  Python numbers among the meta-parameters (a learned ``reg=2.0``) become arrays of a fixed
+  dtype, so the train step never recompiles on weak types.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, metajax
+    >>> params = jnp.ones(2, jnp.float32)
+    >>> state = metajax.meta.init_train_state({'params': params, 'reg': 2.0}, optax.sgd(0.1))
+    >>> state.meta_params['reg'].dtype, state.meta_params['reg'].weak_type
+    (dtype('float32'), False)
+  """
+  _check_optimizer(optimizer)
+  leaves = jax.tree.leaves(meta_params)
+  if not leaves:
+    raise ValueError("meta_params is an empty pytree: there is nothing to meta-train.")
+  _common.params_dtype(meta_params, "meta_params")
+  strong = [x.dtype for x in leaves if hasattr(x, "dtype") and not getattr(x, "weak_type", False)]
+  dtype = jnp.result_type(*strong) if strong else jnp.asarray(0.0).dtype
+  def cast(x):
+    x = jnp.asarray(x)
+    return x.astype(dtype if getattr(x, "weak_type", False) else x.dtype)
+  meta_params = jax.tree.map(cast, meta_params)
+  return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
+                    jnp.zeros((), jnp.int32))
+
+
+def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransformation,
+                    sample_tasks: Callable, *, meta_batch_size: int, iterations: int = 1,
+                    tasks_per_call: int | str | None = "auto", nonfinite: str = "raise"):
+  """A meta-training step: sample tasks on device, adapt, meta-gradient, update.
+
+  Args:
+    value_and_grad: ``(meta_params, tasks) -> (loss, grads)`` whose loss and
+      gradient are means over the tasks, e.g.
+      ``jax.value_and_grad(meta_objective(adapt, loss_fn))`` or
+      :func:`reptile_value_and_grad`.
+    optimizer: the outer optax optimizer.
+    sample_tasks: a task family, ``sample_tasks(key, num_tasks, *data) -> Task``;
+      ``data`` (e.g. class-indexed images for :func:`metajax.tasks.episodes`)
+      is passed to every ``train_step`` call as a device array, not baked into
+      the compiled program.
+    meta_batch_size: tasks per meta-iteration (static).
+    iterations: meta-iterations per call (static); >1 removes per-call
+      overhead (fused with ``lax.scan`` when the whole batch is one program).
+    tasks_per_call: how many tasks one compiled program handles. ``None``:
+      the whole meta-batch, sampling and update in one jitted program. An int
+      dividing ``meta_batch_size``: the batch is split into equal groups, each
+      group's ``value_and_grad`` is one call of a single compiled program
+      (dispatched asynchronously; nothing is copied to the host) and their
+      means are averaged before the update; compile time then grows with the
+      group, not the meta-batch. ``"auto"`` (default): 1 for convolutional
+      models on CPU (XLA convolutions or :mod:`metajax.models.layers` patches),
+      where one task per program is fastest and compiles in seconds (a whole
+      unrolled meta-batch compiles for minutes), else ``None``.
+    nonfinite: what a non-finite meta-loss, meta-gradient or updated meta-parameter does:
+      ``"raise"`` (default) stops training with an error naming the stage and the
+      meta-iteration; ``"skip"`` leaves the state unchanged for that meta-iteration and
+      counts it in ``state.skipped``. Inner-solver failures raise inside the solver
+      (naming the meta-iteration too) unless it was built with ``throw=False``.
+
+  Returns:
+    ``train_step(state, key, *data) -> (state, losses)`` with ``losses`` of
+    shape ``(iterations,)``. It compiles once and never round-trips to the
+    host (``train_step.cache_sizes()`` counts the compilations of its
+    programs). Iteration ``i`` samples its tasks from ``fold_in(key, i)``: with
+    a fixed ``key`` the run is the same however iterations are grouped into
+    calls (and after resuming from a checkpoint).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, metajax
+    >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
+    >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
+    >>> vg = jax.value_and_grad(metajax.meta.meta_objective(adapt, loss))
+    >>> opt = optax.adam(1e-3)
+    >>> step = metajax.meta.make_train_step(vg, opt, metajax.tasks.sinusoid(), meta_batch_size=4)
+    >>> state = metajax.meta.init_train_state(jnp.ones((1, 1)), opt)
+    >>> state, losses = step(state, jax.random.key(0))
+    >>> step.cache_sizes()
+    {'step': 1}
+  """
+  _common.check_callable("value_and_grad", value_and_grad)
+  _common.check_callable("sample_tasks", sample_tasks)
+  _check_optimizer(optimizer)
+  _common.check_positive_int("meta_batch_size", meta_batch_size)
+  _common.check_positive_int("iterations", iterations)
+  if tasks_per_call not in ("auto", None):
+    _common.check_positive_int("tasks_per_call", tasks_per_call)
+    if meta_batch_size % tasks_per_call:
+      raise ValueError(f"tasks_per_call ({tasks_per_call}) must divide meta_batch_size "
+                       f"({meta_batch_size}).")
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
+  return _TrainStep(value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
+                    tasks_per_call, nonfinite)
+
+
+def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str) -> TrainState:
+  """The optax update, with the non-finite policy applied to the loss, grads and result."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
+  new_params = optax.apply_updates(state.meta_params, updates)
+  grads_ok = jnp.isfinite(loss) & all_finite(grads)
+  ok = grads_ok & all_finite(new_params)
+  if nonfinite == "raise":
+    code = jnp.where(ok, RESULTS.successful, RESULTS.nonfinite)
+    new_params = error_if(
+        new_params, code,
+        "metajax train step, outer stage (meta-loss, meta-gradient and update)",
+        meta_iteration=state.step, meta_loss=loss, meta_gradient_finite=grads_ok)
+    return TrainState(new_params, opt_state, state.step + 1, state.skipped)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return TrainState(keep(new_params, state.meta_params), keep(opt_state, state.opt_state),
+                    state.step + 1, state.skipped + (~ok).astype(jnp.int32))
+
+
+class _TrainStep:
+  """The callable :func:`make_train_step` returns (one program, or per-group dispatch)."""
+
+  def __init__(self, value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
+               tasks_per_call, nonfinite):
+    self._value_and_grad, self._sample_tasks = value_and_grad, sample_tasks
+    self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
+
+    def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
+      return sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+
+    def group_value_and_grad(meta_params, tasks, step):
+      with context(meta_iteration=step):  # inner-solver failures name the meta-iteration
+        return value_and_grad(meta_params, tasks)
+
+    def one_iteration(state: TrainState, key, data):
+      loss, grads = group_value_and_grad(state.meta_params, sample(state, key, data), state.step)
+      return _checked_update(optimizer, state, loss, grads, nonfinite), loss
+
+    def fused(state: TrainState, key, *data):
+      if iterations == 1:
+        state, loss = one_iteration(state, key, data)
+        return state, loss[None]
+      return jax.lax.scan(lambda s, _: one_iteration(s, key, data), state, None,
+                          length=iterations)
+
+    def sample_groups(state: TrainState, key, *data):
+      tasks = sample(state, key, data)
+      size = self._per_call
+      return tuple(jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], tasks)
+                   for i in range(meta_batch_size // size))
+
+    def update(state: TrainState, losses, grads):
+      mean = lambda *xs: jnp.mean(jnp.stack(xs), axis=0)
+      loss = mean(*losses)
+      return _checked_update(optimizer, state, loss, jax.tree.map(mean, *grads),
+                             nonfinite), loss[None]
+
+    self._fused, self._sample_groups = jax.jit(fused), jax.jit(sample_groups)
+    self._group_value_and_grad, self._update = jax.jit(group_value_and_grad), jax.jit(update)
+
+  def _resolve(self, state: TrainState, key, data) -> None:
+    if self._per_call != "auto":
+      return
+    self._per_call = None
+    if jax.default_backend() == "cpu" and _loops.uses_convolution(
+        lambda p, k, *d: self._value_and_grad(p, self._sample_tasks(k, 1, *d)),
+        state.meta_params, key, *data, patches=True):
+      self._per_call = 1
+
+  @property
+  def tasks_per_call(self) -> int | None:
+    """Tasks per compiled call (resolved on the first call when ``"auto"``)."""
+    return self._per_call
+
+  @property
+  def _one_program(self) -> bool:
+    return self._per_call in (None, "auto") or self._per_call == self._batch
+
+  def cache_sizes(self) -> dict:
+    """Compilations of each program this step has run (1 each after any number of calls)."""
+    if self._one_program:
+      return {"step": self._fused._cache_size()}
+    return {"sample": self._sample_groups._cache_size(),
+            "tasks": self._group_value_and_grad._cache_size(),
+            "update": self._update._cache_size()}
+
+  def __call__(self, state: TrainState, key, *data):
+    if not isinstance(state, TrainState):
+      raise TypeError(f"state must be a metajax.meta.TrainState (from init_train_state), got "
+                      f"{type(state).__name__}.")
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                            or key.shape == (2,))):
+      raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
+    self._resolve(state, key, data)
+    if self._one_program:
+      return self._fused(state, key, *data)
+    losses = []
+    for _ in range(self._iterations):
+      groups = self._sample_groups(state, key, *data)
+      results = [self._group_value_and_grad(state.meta_params, group, state.step)
+                 for group in groups]
+      state, loss = self._update(state, tuple(r[0] for r in results),
+                                 tuple(r[1] for r in results))
+      losses.append(loss)
+    return state, losses[0] if len(losses) == 1 else jnp.concatenate(losses)
