@@ -116,3 +116,13 @@ def batch(n_tasks: int, dtype, **kw):
 def rel_err(actual, expected):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def flat_jnp(params):
+  """:func:`flat` for traced values."""
+  return jnp.concatenate([jnp.ravel(params["w"]), jnp.ravel(params["b"])])
+
+
+def unflat_jnp(vector):
+  """:func:`unflat` for traced values."""
+  return {"w": vector[:-1], "b": vector[-1]}

@@ -61,10 +61,36 @@ def test_episodes_errors_name_the_problem():
   images = _class_images()
   with pytest.raises(ValueError, match="ways=7 exceeds the 6 classes"):
     metajax.tasks.episodes(ways=7, shots=1, queries=1)(jax.random.key(0), 2, images)
-  with pytest.raises(ValueError, match="shots \\+ queries = 6 exceeds the 5"):
+  with pytest.raises(ValueError, match="shots \\+ queries = 6 exceeds the 5 .*shots=3 \\+ "
+                                       "queries=3"):
     metajax.tasks.episodes(ways=2, shots=3, queries=3)(jax.random.key(0), 2, images)
   with pytest.raises(ValueError, match="images must have shape"):
     metajax.tasks.episodes(ways=2, shots=1, queries=1)(jax.random.key(0), 2, images[0])
+  # checked the same way when the family is traced (num_tasks static, images traced)
+  sample = jax.jit(metajax.tasks.episodes(ways=7, shots=1, queries=1), static_argnums=1)
+  with pytest.raises(ValueError, match="ways=7 exceeds the 6 classes"):
+    sample(jax.random.key(0), 2, images)
+
+
+def test_task_families_run_under_jit_with_static_num_tasks():
+  key = jax.random.key(3)
+  for family in (metajax.tasks.sinusoid(num_support=3, num_query=4),
+                 metajax.tasks.cos_mixture(num_support=3, num_query=4),
+                 metajax.tasks.regression_family(lambda x, a, b: a * x + b,
+                                                 {"a": (1.0, 2.0), "b": (-1.0, 0.0)},
+                                                 num_support=3, num_query=4, x_range=(0.0, 1.0))):
+    eager = family(key, 5)
+    jitted = jax.jit(family, static_argnums=1)(key, 5)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)  # XLA fuses differently
+    assert eager.support[0].shape == (5, 3, 1) and eager.query[1].shape == (5, 4, 1)
+  images = _class_images(num_classes=3, per_class=4)
+  x, labels = jax.jit(metajax.tasks.class_batches(batch_size=6, rotations=True))(key, images)
+  assert x.shape == (6, 8, 8, 1) and int(labels.max()) < 12
+  tasks = jax.jit(metajax.tasks.episodes(ways=5, shots=1, queries=2, rotations=True),
+                  static_argnums=1)(key, 2, images)
+  assert tasks.query[0].shape == (2, 10, 8, 8, 1)
+  raw = metajax.tasks.sinusoid()(jax.random.PRNGKey(0), 2)  # raw uint32 keys are keys too
+  assert raw.support[0].shape == (2, 10, 1)
 
 
 @pytest.mark.parametrize("module,shape,out", [
@@ -133,6 +159,107 @@ def test_per_step_batch_norm_with_step_aware_unrolled_solver():
   # Steps 0 and 1 adapted their own rows; row 2 (unused in the inner loop) is unchanged.
   delta = jnp.abs(phi["BatchNorm_0"]["bias"] - params["BatchNorm_0"]["bias"]).sum(1)
   assert float(delta[0]) > 0 and float(delta[1]) > 0 and float(delta[2]) == 0
+
+
+def test_select_step_moves_only_per_step_rows_and_clamps_array_steps():
+  """Review A.1 #11: step 3 of 3 wrapped to row 0, and 1-D batch-norm leaves were rotated."""
+  rows = jnp.arange(12.0).reshape(3, 4)
+  params = {"BatchNorm_0": {"scale": rows, "bias": rows + 100},  # per-step: (num_steps, C)
+            "BatchNorm_1": {"scale": jnp.ones(4), "bias": jnp.arange(4.0)},  # transductive
+            "ResidualBlock_0": {"BatchNorm_0": {"scale": rows, "bias": rows}},
+            "Dense_0": {"kernel": rows, "bias": jnp.arange(4.0)}}
+  for step in (0, 1, 2):
+    out = metajax.models.select_step(params, step)
+    np.testing.assert_array_equal(out["BatchNorm_0"]["scale"][0], rows[step])
+    np.testing.assert_array_equal(out["BatchNorm_0"]["bias"][0], rows[step] + 100)
+    np.testing.assert_array_equal(out["ResidualBlock_0"]["BatchNorm_0"]["bias"][0], rows[step])
+    for name in ("BatchNorm_1", "Dense_0"):  # untouched, including the 1-D bias [0, 1, 2, 3]
+      chex.assert_trees_all_equal(out[name], params[name])
+  with pytest.raises(ValueError, match="step=3 is out of range .*num_steps=3"):
+    metajax.models.select_step(params, 3)
+  with pytest.raises(ValueError, match="step=-1 is out of range"):
+    metajax.models.select_step(params, np.int32(-1))
+  # jax.Array steps (traced in step-aware solvers) clamp to [0, num_steps - 1], jit or not
+  pick = jax.jit(lambda p, k: metajax.models.select_step(p, k)["BatchNorm_0"]["scale"][0])
+  for step, row in ((3, 2), (7, 2), (-1, 0), (1, 1)):
+    np.testing.assert_array_equal(pick(params, jnp.int32(step)), rows[row])
+    np.testing.assert_array_equal(
+        metajax.models.select_step(params, jnp.int32(step))["BatchNorm_0"]["scale"][0], rows[row])
+  with pytest.raises(TypeError, match="step must be an integer scalar"):
+    metajax.models.select_step(params, jnp.float32(1.0))
+  with pytest.raises(ValueError, match="no per-step batch-norm parameters"):
+    metajax.models.select_step({"BatchNorm_1": params["BatchNorm_1"]}, 0)
+
+
+def test_per_step_unrolled_solver_with_as_many_steps_as_rows_runs_eagerly():
+  """unrolled(step_aware=True) evaluates its final loss at step K: a jax.Array, clamped."""
+  params = {"BatchNorm_0": {"scale": jnp.ones((2, 3)), "bias": jnp.zeros((2, 3))}}
+
+  def loss(p, batch, step):
+    layer = metajax.models.select_step(p, step)["BatchNorm_0"]
+    return jnp.sum((batch[0] * layer["scale"][0] + layer["bias"][0] - batch[1]) ** 2)
+
+  adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.1, step_aware=True, unroll=True)
+  phi, info = adapt.solve(params, (jnp.ones(3), 2.0 * jnp.ones(3)))
+  delta = jnp.abs(phi["BatchNorm_0"]["bias"] - params["BatchNorm_0"]["bias"]).sum(1)
+  assert float(delta[0]) > 0 and float(delta[1]) > 0 and bool(jnp.isfinite(info.loss))
+
+
+def test_calibrate_batch_stats_takes_the_module_for_a_wrapped_apply_fn():
+  """Review A.1 #15: a wrapped apply_fn has no .module attribute."""
+  module = Conv4(5, filters=4, norm="frozen", blocks=2)
+  params, apply_fn = init_model(module, jax.random.key(0), (8, 8, 1))
+  images = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+  expected = metajax.models.calibrate_batch_stats(params, apply_fn, images)
+  wrapped = jax.jit(lambda p, x: apply_fn(p, x))
+  with pytest.raises(TypeError, match="has no .module attribute.*pass module="):
+    metajax.models.calibrate_batch_stats(params, wrapped, images)
+  for fn in (wrapped, None):
+    got = metajax.models.calibrate_batch_stats(params, fn, images, module=module)
+    chex.assert_trees_all_equal(got, expected)
+  assert float(jnp.abs(expected["BatchNorm_0"]["mean"]).max()) > 0
+
+
+def test_freeze_batch_stats_keeps_frozen_statistics_under_weight_decay():
+  """Review A.1 #14: adamw's weight decay moved the stored mean and var (they are params)."""
+  module = Conv4(3, filters=4, norm="frozen", blocks=2)
+  params, apply_fn = init_model(module, jax.random.key(0), (8, 8, 1))
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 1)) + 1.0
+  params = metajax.models.calibrate_batch_stats(params, apply_fn, images)
+  loss = metajax.meta.cross_entropy_loss(apply_fn)
+  batch = (images, jnp.arange(8) % 3)
+
+  def train(optimizer, steps=10):
+    p, state = params, optimizer.init(params)
+    for _ in range(steps):
+      updates, state = optimizer.update(jax.grad(loss)(p, batch), state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  adamw = optax.adamw(1e-2, weight_decay=0.1)
+  plain, frozen = train(adamw), train(metajax.models.freeze_batch_stats(adamw))
+  stats = lambda p: {k: (v["mean"], v["var"]) for k, v in p.items() if "mean" in v}
+  chex.assert_trees_all_equal(stats(frozen), stats(params))  # exactly unchanged
+  assert float(jnp.abs(plain["BatchNorm_0"]["mean"] - params["BatchNorm_0"]["mean"]).max()) > 0
+  # The other leaves train as adamw would with its decay masked off the statistics (the
+  # recipe without the wrapper; Adam's own update of a zero gradient is zero).
+  decay_mask = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key not in ("mean", "var"), p)
+  masked = train(optax.adamw(1e-2, weight_decay=0.1, mask=decay_mask))
+  chex.assert_trees_all_equal(stats(masked), stats(params))
+  chex.assert_trees_all_close(frozen, masked, rtol=1e-6, atol=1e-7)
+
+
+def test_models_check_their_attributes_before_initializing():
+  with pytest.raises(ValueError, match="Conv4.filters must be >= 1"):
+    Conv4(5, filters=0).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))  # flax's own init too
+  with pytest.raises(ValueError, match="too small for Conv4 with blocks=4"):
+    init_model(Conv4(5, filters=4), jax.random.key(0), (12, 12, 1))
+  # strided blocks (like ResNet-12's SAME pooling) never shrink an image to nothing
+  params, apply_fn = init_model(Conv4(5, filters=2, strided=True), jax.random.key(0), (3, 3, 1))
+  assert apply_fn(params, jnp.ones((2, 3, 3, 1))).shape == (2, 5)
+  with pytest.raises(TypeError, match="from_equinox takes an equinox.Module.*init_model"):
+    metajax.models.from_equinox(Conv4(5))
 
 
 def test_nnx_and_equinox_adapters_adapt_like_raw_params():

@@ -132,8 +132,8 @@ class Adjoint(InnerSolver):
           t1=jnp.ones((), dtype), dt0=first_step, y0=params, args=args,
           saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, adjoint=method,
           max_steps=self.max_steps, throw=False)
-    except TypeError as err:
-      if "forward-mode" in str(err) or "jvp" in str(err):
+    except (TypeError, RuntimeError) as err:
+      if any(k in str(err) for k in ("forward-mode", "jvp", "Unexpected tangent")):
         raise TypeError(
             f"metajax adjoint solver: adjoint={self.adjoint!r} supports reverse mode only "
             "(jax.grad, jax.vjp), not forward mode (jax.jvp, jax.jacfwd, jax.hessian) or "
@@ -146,7 +146,8 @@ class Adjoint(InnerSolver):
         sol.result == diffrax.RESULTS.successful, RESULTS.successful,
         jnp.where(sol.result == diffrax.RESULTS.max_steps_reached, RESULTS.max_steps_reached,
                   RESULTS.ode_failed))
-    result = jnp.where(all_finite(phi), result, RESULTS.nonfinite)
+    residual = _common.tree_norm(drift(phi, args))  # NaN when the loss or its gradient is
+    result = jnp.where(all_finite(phi) & jnp.isfinite(residual), result, RESULTS.nonfinite)
     result = jnp.where(hyper_result != 0, hyper_result, result).astype(jnp.int32)
     time_reached = sol.ts[-1] * t1_
     if self.throw:
@@ -154,7 +155,7 @@ class Adjoint(InnerSolver):
                      time=time_reached, t1=t1_, ode_steps=steps, reg=reg_)
     info = AdaptInfo(
         result=result, steps=steps,
-        residual=_common.tree_norm(drift(phi, args)), loss=loss_fn(phi, support, *consts),
+        residual=residual, loss=loss_fn(phi, support, *consts),
         stats={"num_accepted_steps": sol.stats["num_accepted_steps"],
                "num_rejected_steps": sol.stats["num_rejected_steps"], "time": time_reached})
     return phi, info

@@ -129,7 +129,7 @@ def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
 
   def solve(objective, x0) -> MinimizeResult:
     dtype = _common.params_dtype(x0)
-    rtol = tol if tol is not None else _common.default_tol(dtype, float64=1e-10, float32=1e-5)
+    rtol = tol if tol is not None else _common.default_tol(dtype, float64=1e-10, float32=2e-2)
     value_and_grad = jax.value_and_grad(objective)
     value0, grad0 = value_and_grad(x0)
     norm0 = _common.tree_norm(grad0)
