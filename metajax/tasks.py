@@ -6,10 +6,14 @@ A task family is a function ``sample(key, num_tasks) -> Task`` that runs inside
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.solvers import _common
 
@@ -32,12 +36,124 @@ def _uniform(key, shape, low, high, dtype):
   return jax.random.uniform(key, shape, dtype, minval=low, maxval=high)
 
 
+def _check_num_tasks(num_tasks) -> int:
+  """``num_tasks`` fixes the shape of every array a family returns: a positive Python int."""
+  if isinstance(num_tasks, jax.core.Tracer):
+    raise TypeError("num_tasks must be a Python int, got a traced value: it fixes the shapes "
+                    "of the batch, so mark it static under jax.jit (e.g. static_argnums=1).")
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
+    raise TypeError(f"num_tasks must be a Python int (it fixes the shapes of the batch), got "
+                    f"{num_tasks!r} of type {type(num_tasks).__name__}.")
+  if num_tasks < 1:
+    raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+  return int(num_tasks)
+
+
+def _check_key(key) -> None:
+  """A single PRNG key: ``jax.random.key(seed)`` (shape ``()``) or a raw ``uint32[2]`` key."""
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single PRNG key, got a key array of shape {key.shape}; "
+                       "split it and call once per key, or use jax.vmap.")
+    return
+  shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+  if dtype == jnp.uint32 and len(shape) == 1:  # a raw key, e.g. jax.random.PRNGKey(0)
+    return
+  if dtype == jnp.uint32 and len(shape) == 2:
+    raise ValueError(f"key must be a single PRNG key, got a batch of {shape[0]} raw keys "
+                     f"(shape {shape}); call once per key, or use jax.vmap.")
+  shown = f"an array of shape {shape} and dtype {dtype}" if shape is not None else repr(key)
+  raise TypeError(f"key must be a PRNG key such as jax.random.key(0), got {shown}.")
+
+
+def _check_bool(name: str, value) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_dtype(dtype) -> None:
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError as err:
+    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from err
+  if not floating:
+    raise TypeError(f"dtype must be a floating-point dtype such as jnp.float32, got "
+                    f"{jnp.dtype(dtype).name}.")
+
+
+def _check_range(name: str, value, hint: str = "") -> tuple[float, float]:
+  """A ``(low, high)`` pair of finite numbers with ``low < high``."""
+  try:
+    low, high = value
+    low, high = float(low), float(high)
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}.") from err
+  if not (math.isfinite(low) and math.isfinite(high)):
+    raise ValueError(f"{name} must be finite, got ({low}, {high}).")
+  if not low < high:
+    raise ValueError(f"{name} must have low < high, got ({low}, {high}){hint}.")
+  return low, high
+
+
+def _check_param_names(target_fn, names: list[str]) -> None:
+  """``target_fn(x, **task_params)`` must accept exactly the names of ``param_ranges``."""
+  try:
+    signature = inspect.signature(target_fn)
+  except (TypeError, ValueError):  # builtins and some wrappers: checked when called
+    return
+  try:
+    signature.bind(None, **dict.fromkeys(names))
+  except TypeError as err:
+    raise ValueError(f"param_ranges names {names} do not fit target_fn{signature}, which is "
+                     f"called as target_fn(x, **task_params): {err}.") from err
+
+
+def _check_images(images, *, rotations: bool) -> tuple[int, int]:
+  """Class-indexed images ``(num_classes, examples_per_class, H, W, C)``: floating or uint8."""
+  if not (hasattr(images, "shape") and hasattr(images, "dtype")):
+    raise TypeError(f"images must be an array of shape (num_classes, examples_per_class, H, W, "
+                    f"C), got {type(images).__name__}.")
+  if images.ndim != 5:
+    raise ValueError("images must have shape (num_classes, examples_per_class, H, W, C) "
+                     f"(rank 5), got shape {tuple(images.shape)} (rank {images.ndim}).")
+  if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
+    raise TypeError(f"images must be floating-point or uint8 (scaled to [0, 1]), got dtype "
+                    f"{images.dtype}.")
+  num_classes, per_class, height, width, channels = images.shape
+  if num_classes == 0 or per_class == 0:
+    raise ValueError(f"images holds no examples: shape {tuple(images.shape)} has "
+                     f"{num_classes} classes of {per_class} examples.")
+  if 0 in (height, width, channels):
+    raise ValueError(f"images are empty: H, W, C = {height}, {width}, {channels}.")
+  if rotations and height != width:
+    raise ValueError(f"rotations=True needs square images, got H x W = {height} x {width}.")
+  return num_classes, per_class
+
+
 def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_query: int,
                       x_range: tuple[float, float], dtype=jnp.float32):
   """A 1-D regression task family ``y = target_fn(x, **task_params)``.
 
   Each task draws its parameters uniformly from ``param_ranges`` and its inputs
   uniformly from ``x_range``. Batches are ``(x, y)`` with shapes ``(n, 1)``.
+
+  Args:
+    target_fn: ``target_fn(x, **task_params) -> y``, with ``x`` and each task parameter
+      broadcastable (``x``: ``(num_tasks, n, 1)``, parameters: ``(num_tasks, 1, 1)``); ``y``
+      must have ``x``'s shape.
+    param_ranges: a non-empty dict ``{name: (low, high)}`` of finite ``low < high``; the names
+      are ``target_fn``'s keyword arguments.
+    num_support: support examples per task (a positive int).
+    num_query: query examples per task (a positive int).
+    x_range: ``(low, high)`` of the inputs, finite with ``low < high``.
+    dtype: a floating-point dtype.
+
+  Returns:
+    ``sample(key, num_tasks) -> Task``; ``num_tasks`` is a Python int (static under ``jit``).
+
+  Raises:
+    TypeError, ValueError: naming the argument, for any of the above that does not hold
+      (``target_fn``'s output shape and ``num_tasks`` are checked when ``sample`` runs).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -47,20 +163,41 @@ def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_qu
     >>> sample(jax.random.key(0), 3).query[0].shape
     (3, 7, 1)
   """
+  _common.check_callable("target_fn", target_fn)
+  if not isinstance(param_ranges, Mapping):
+    raise TypeError("param_ranges must be a dict {name: (low, high)}, got "
+                    f"{type(param_ranges).__name__}.")
+  if not param_ranges:
+    raise ValueError("param_ranges is empty: a task family needs at least one task parameter "
+                     "{name: (low, high)}.")
+  bad = [name for name in param_ranges if not (isinstance(name, str) and name.isidentifier())]
+  if bad:
+    raise TypeError(f"param_ranges names must be identifiers (target_fn's keyword arguments), "
+                    f"got {bad}.")
+  names = sorted(param_ranges)
+  ranges = {name: _check_range(f"param_ranges[{name!r}]", param_ranges[name],
+                               "; a fixed value belongs in target_fn itself") for name in names}
+  _check_param_names(target_fn, names)
   _common.check_positive_int("num_support", num_support)
   _common.check_positive_int("num_query", num_query)
-  names = sorted(param_ranges)
+  x_low, x_high = _check_range("x_range", x_range)
+  _check_dtype(dtype)
 
   def sample(key, num_tasks: int) -> Task:
-    _common.check_positive_int("num_tasks", num_tasks)
+    num_tasks = _check_num_tasks(num_tasks)
+    _check_key(key)
     key_params, key_x = jax.random.split(key)
     keys = jax.random.split(key_params, len(names))
     task_params = {
-        name: _uniform(k, (num_tasks, 1, 1), *param_ranges[name], dtype)
+        name: _uniform(k, (num_tasks, 1, 1), *ranges[name], dtype)
         for name, k in zip(names, keys)
     }
-    x = _uniform(key_x, (num_tasks, num_support + num_query, 1), *x_range, dtype)
-    y = target_fn(x, **task_params).astype(dtype)
+    x = _uniform(key_x, (num_tasks, num_support + num_query, 1), x_low, x_high, dtype)
+    y = jnp.asarray(target_fn(x, **task_params))
+    if y.shape != x.shape:
+      raise ValueError(f"target_fn must return y shaped like x, {x.shape} (num_tasks, "
+                       f"num_support + num_query, 1), got shape {y.shape}.")
+    y = y.astype(dtype)
     return Task(support=(x[:, :num_support], y[:, :num_support]),
                 query=(x[:, num_support:], y[:, num_support:]))
 
@@ -122,6 +259,19 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
   Batches are ``(x, labels)`` with ``x`` of shape ``(ways * shots, H, W, C)``
   (support) or ``(ways * queries, H, W, C)`` (query), grouped by class.
 
+  Args:
+    ways: classes per task (a positive int, at most the classes available).
+    shots: support examples per class (a positive int).
+    queries: query examples per class (a positive int); ``shots + queries`` is at most
+      ``examples_per_class``.
+    rotations: add the three rotated copies of each class (square images only).
+    dtype: the floating-point dtype of the returned images.
+
+  Raises:
+    TypeError, ValueError: naming the argument (``ways``, ``shots``, ``queries``,
+      ``num_tasks``, ``key`` or ``images``) and what was wrong; ``images`` is checked when
+      ``sample`` runs (rank 5, floating or uint8, enough classes and examples).
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.tasks import episodes
@@ -132,6 +282,8 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
   """
   for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
     _common.check_positive_int(name, value)
+  _check_bool("rotations", rotations)
+  _check_dtype(dtype)
 
   def one_task(key, images):
     num_classes, per_class = images.shape[:2]
@@ -151,16 +303,19 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
     return Task(support=(flat(x, shots), flat(labels, shots)), query=(tail(x), tail(labels)))
 
   def sample(key, num_tasks: int, images) -> Task:
-    _common.check_positive_int("num_tasks", num_tasks)
-    if images.ndim != 5:
-      raise ValueError("images must have shape (num_classes, examples_per_class, H, W, C), "
-                       f"got {images.shape}.")
-    num_classes, per_class = images.shape[:2]
-    if num_classes * (4 if rotations else 1) < ways:
-      raise ValueError(f"ways={ways} exceeds the {num_classes} classes available.")
+    num_tasks = _check_num_tasks(num_tasks)
+    _check_key(key)
+    num_classes, per_class = _check_images(images, rotations=rotations)
+    available = num_classes * (4 if rotations else 1)
+    if available < ways:
+      where = f" ({num_classes} x 4 rotations)" if rotations else ""
+      raise ValueError(f"ways={ways} exceeds the {available} classes available{where} in images "
+                       f"of shape {tuple(images.shape)} (axis 0 is the class); lower ways or "
+                       "load more classes.")
     if per_class < shots + queries:
-      raise ValueError(f"shots + queries = {shots + queries} exceeds the {per_class} "
-                       "examples per class.")
+      raise ValueError(f"shots + queries = {shots + queries} exceeds the {per_class} examples "
+                       f"per class in images of shape {tuple(images.shape)} (axis 1); each "
+                       f"class needs shots={shots} + queries={queries} distinct examples.")
     return jax.vmap(one_task, in_axes=(0, None))(jax.random.split(key, num_tasks), images)
 
   return sample
@@ -174,6 +329,15 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
   ``c + k * num_classes`` is class ``c`` rotated by ``k * 90`` degrees). Used for
   the non-meta-learned pretraining baseline.
 
+  Args:
+    batch_size: examples per batch (a positive int).
+    rotations: add the three rotated copies of each class (square images only).
+    dtype: the floating-point dtype of the returned images.
+
+  Raises:
+    TypeError, ValueError: naming the argument; ``images`` (rank 5, floating or uint8, no
+      empty axis) is checked when ``sample`` runs.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.tasks import class_batches
@@ -182,9 +346,12 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
     ((4, 8, 8, 1), (4,))
   """
   _common.check_positive_int("batch_size", batch_size)
+  _check_bool("rotations", rotations)
+  _check_dtype(dtype)
 
   def sample(key, images):
-    num_classes, per_class = images.shape[:2]
+    _check_key(key)
+    num_classes, per_class = _check_images(images, rotations=rotations)
     key_class, key_example = jax.random.split(key)
     labels = jax.random.randint(key_class, (batch_size,), 0,
                                 num_classes * (4 if rotations else 1))

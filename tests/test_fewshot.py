@@ -229,10 +229,12 @@ def test_freeze_batch_stats_keeps_frozen_statistics_under_weight_decay():
   loss = metajax.meta.cross_entropy_loss(apply_fn)
   batch = (images, jnp.arange(8) % 3)
 
+  grad = jax.jit(jax.grad(loss))
+
   def train(optimizer, steps=10):
     p, state = params, optimizer.init(params)
     for _ in range(steps):
-      updates, state = optimizer.update(jax.grad(loss)(p, batch), state, p)
+      updates, state = optimizer.update(grad(p, batch), state, p)
       p = optax.apply_updates(p, updates)
     return p
 

@@ -81,6 +81,17 @@ def test_conv_rejects_bad_arguments():
     conv_patches(x, jnp.ones((3, 3, 2, 3)), (1, 1), "CIRCULAR")
   with pytest.raises(ValueError, match="x must be NHWC with 4 channels"):
     conv_patches(x, jnp.ones((3, 3, 4, 3)))
+  for kwargs, match in [
+      ({"padding": "CIRCULAR", "impl": "lax"}, "Conv.padding must be 'SAME' or 'VALID'"),
+      ({"strides": 0}, r"Conv.strides must be a \(height, width\) pair of positive ints, "
+                       r"got \(0, 0\)"),
+      ({"kernel_size": 3}, r"Conv.kernel_size must be a \(height, width\) pair"),
+      ({"features": 0}, "Conv.features must be a positive int, got 0"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      Conv(**{"features": 3, "kernel_size": (3, 3), **kwargs}).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"Conv takes NHWC inputs \(N, H, W, C\)"):
+    Conv(3, (3, 3)).init(jax.random.key(0), x[0])
 
 
 @pytest.mark.parametrize("name", ["strategies", "strategies_gpu"])

@@ -52,7 +52,7 @@ def _check_labels(name: str, logits, labels):
   num_classes = jnp.shape(logits)[-1]
   bad = jnp.any((labels < 0) | (labels >= num_classes))
   code = jnp.where(bad, RESULTS.invalid_input, RESULTS.successful)
-  return error_if(labels, code, f"metajax {name}: labels must lie in [0, {num_classes})",
+  return error_if(logits, code, f"metajax {name}: labels must lie in [0, {num_classes})",
                   smallest_label=jnp.min(labels), largest_label=jnp.max(labels))
 
 
@@ -72,7 +72,7 @@ def cross_entropy_loss(apply_fn: Callable) -> Callable:
   def loss_fn(params, batch):
     x, labels = _pair("cross_entropy_loss", batch)
     logits = apply_fn(params, x)
-    labels = _check_labels("cross_entropy_loss", logits, labels)
+    logits = _check_labels("cross_entropy_loss", logits, labels)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss_fn
 
@@ -89,7 +89,7 @@ def accuracy(apply_fn: Callable) -> Callable:
   def metric(params, batch):
     x, labels = _pair("accuracy", batch)
     logits = apply_fn(params, x)
-    labels = _check_labels("accuracy", logits, labels)
+    logits = _check_labels("accuracy", logits, labels)
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
   return metric
 

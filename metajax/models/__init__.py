@@ -7,11 +7,12 @@ from metajax.models.conv import (
     Conv4,
     ResNet12,
     calibrate_batch_stats,
+    freeze_batch_stats,
     init_model,
     select_step,
 )
 from metajax.models.mlp import MAML_KERNEL_INIT, MLP, make_mlp
 
 __all__ = ["MAML_KERNEL_INIT", "MLP", "NORM_MODES", "BatchNorm", "Conv4", "ResNet12",
-           "calibrate_batch_stats", "from_equinox", "from_nnx", "init_model", "make_mlp",
-           "select_step"]
+           "calibrate_batch_stats", "freeze_batch_stats", "from_equinox", "from_nnx",
+           "init_model", "make_mlp", "select_step"]

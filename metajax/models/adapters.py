@@ -23,7 +23,12 @@ def from_nnx(module) -> tuple[Any, Callable]:
   """
   from flax import nnx
 
+  if not isinstance(module, nnx.Module):
+    raise TypeError(f"from_nnx takes a flax.nnx.Module, got {_describe(module)}{_hint(module)}")
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"from_nnx: {type(module).__name__} has no nnx.Param state: there is "
+                     "nothing to adapt.")
 
   def apply_fn(params, *args, **kwargs):
     return nnx.merge(graphdef, params, rest)(*args, **kwargs)
@@ -47,10 +52,47 @@ def from_equinox(module, *, batched: bool = True) -> tuple[Any, Callable]:
   """
   import equinox as eqx
 
+  if not isinstance(module, eqx.Module):
+    raise TypeError(f"from_equinox takes an equinox.Module, got "
+                    f"{_describe(module)}{_hint(module)}")
+  if not isinstance(batched, bool):
+    raise TypeError(f"batched must be True or False, got {batched!r}.")
   params, static = eqx.partition(module, eqx.is_inexact_array)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"from_equinox: {type(module).__name__} holds no floating-point arrays: "
+                     "there is nothing to adapt.")
 
   def apply_fn(params, x):
     model = eqx.combine(params, static)
     return jax.vmap(model)(x) if batched else model(x)
 
   return params, apply_fn
+
+
+def _describe(obj) -> str:
+  if isinstance(obj, type):
+    return f"the class {obj.__module__}.{obj.__qualname__}"
+  cls = type(obj)
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _hint(obj) -> str:
+  """Which adapter (or function) fits ``obj``, as the end of an error message."""
+  import flax.linen as nn
+  if isinstance(obj, nn.Module):
+    return " (a flax.linen module: use metajax.models.init_model, or make_mlp for an MLP)."
+  try:
+    from flax import nnx
+    if isinstance(obj, nnx.Module):
+      return " (a flax.nnx module: use metajax.models.from_nnx)."
+  except ImportError:  # pragma: no cover
+    pass
+  try:
+    import equinox as eqx
+    if isinstance(obj, eqx.Module):
+      return " (an equinox module: use metajax.models.from_equinox)."
+  except ImportError:  # pragma: no cover
+    pass
+  if isinstance(obj, type):
+    return " (a class: pass an instance)."
+  return "."

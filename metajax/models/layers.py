@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CONV_IMPLS = ("auto", "lax", "patches")
 
@@ -69,6 +70,18 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
+def _check_pair(name: str, value) -> tuple[int, int]:
+  """A (height, width) pair of positive ints."""
+  try:
+    pair = tuple(value)
+  except TypeError:
+    pair = ()
+  if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                           for v in pair):
+    raise ValueError(f"{name} must be a (height, width) pair of positive ints, got {value!r}.")
+  return tuple(int(v) for v in pair)
+
+
 class Conv(nn.Module):
   """``flax.linen.Conv`` (NHWC, same parameter names, shapes and initialization) with ``impl``.
 
@@ -96,7 +109,18 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     impl = resolve_conv_impl(self.impl)
-    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    _check_pair("Conv.kernel_size", self.kernel_size)
+    strides = self.strides
+    if isinstance(strides, (int, np.integer)) and not isinstance(strides, bool):
+      strides = (strides,) * 2
+    strides = _check_pair("Conv.strides", strides)
+    if isinstance(self.features, bool) or not isinstance(self.features, (int, np.integer)) \
+        or self.features < 1:
+      raise ValueError(f"Conv.features must be a positive int, got {self.features!r}.")
+    if self.padding not in ("SAME", "VALID"):
+      raise ValueError(f"Conv.padding must be 'SAME' or 'VALID', got {self.padding!r}.")
+    if x.ndim != 4:
+      raise ValueError(f"Conv takes NHWC inputs (N, H, W, C), got shape {x.shape}.")
     kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     dtype = jnp.result_type(x, kernel)

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metajax.solvers import _common
+
 MAML_KERNEL_INIT = nn.initializers.truncated_normal(stddev=0.01)
 """The weight initializer of MAML's sinusoid code (``tf.truncated_normal(stddev=0.01)``)."""
 
@@ -16,19 +18,41 @@ class MLP(nn.Module):
   """A fully connected network.
 
   Attributes:
-    features: hidden widths followed by the output width.
-    activation: nonlinearity between layers.
+    features: hidden widths followed by the output width (a non-empty sequence of positive
+      ints).
+    activation: nonlinearity between layers (callable).
+    kernel_init: weight initializer (callable).
+
+  The attributes are checked when the module is initialized.
   """
 
   features: Sequence[int] = (40, 40, 1)
   activation: Callable = nn.relu
   kernel_init: Callable = nn.initializers.lecun_normal()
 
+  def check(self) -> None:
+    """Raises naming the attribute that cannot build this network."""
+    _check_features(self.features, "MLP.features")
+    _common.check_callable("MLP.activation", self.activation)
+    _common.check_callable("MLP.kernel_init", self.kernel_init)
+
   @nn.compact
   def __call__(self, x):
+    self.check()
     for width in self.features[:-1]:
       x = self.activation(nn.Dense(width, kernel_init=self.kernel_init)(x))
     return nn.Dense(self.features[-1], kernel_init=self.kernel_init)(x)
+
+
+def _check_features(features, name: str = "features") -> tuple[int, ...]:
+  if isinstance(features, (str, bytes)) or not isinstance(features, Sequence):
+    raise TypeError(f"{name} must be a sequence of layer widths such as (40, 40, 1), got "
+                    f"{features!r}.")
+  if not features:
+    raise ValueError(f"{name} is empty: it needs at least the output width, e.g. (1,).")
+  for i, width in enumerate(features):
+    _common.check_positive_int(f"{name}[{i}]", width)
+  return tuple(int(w) for w in features)
 
 
 def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *,
@@ -45,6 +69,10 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
       :data:`MAML_KERNEL_INIT` (truncated normal, standard deviation 0.01). Biases start at zero.
     dtype: parameter dtype.
 
+  Raises:
+    TypeError, ValueError: naming the argument (``in_features``, ``features[i]``,
+      ``activation``, ``kernel_init`` or ``dtype``) and what was wrong.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models import make_mlp
@@ -52,7 +80,19 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
     >>> apply_fn(params, jnp.zeros((5, 1))).shape
     (5, 1)
   """
-  module = MLP(tuple(features), activation)
+  _common.check_positive_int("in_features", in_features)
+  features = _check_features(features)
+  _common.check_callable("activation", activation)
+  if kernel_init is not None:
+    _common.check_callable("kernel_init", kernel_init)
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError as err:
+    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from err
+  if not floating:
+    raise TypeError(f"dtype must be a floating-point dtype such as jnp.float32, got "
+                    f"{jnp.dtype(dtype).name}.")
+  module = MLP(features, activation)
   if kernel_init is not None:
     module = module.clone(kernel_init=kernel_init)
   params = module.init(key, jnp.zeros((1, in_features), dtype))["params"]

@@ -79,7 +79,7 @@ def check_tolerance(name: str, value) -> None:
     raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}.")
 
 
-def check_hyperparameter(name: str, value, *, strict: bool = True) -> None:
+def check_hyperparameter(name: str, value, *, strict: bool = True, signed: bool = False) -> None:
   """Validates a float hyperparameter (or a pytree of them) that is concrete.
 
   Traced leaves are skipped here and checked at run time (:func:`hyperparameter_result`).
@@ -105,7 +105,7 @@ def check_hyperparameter(name: str, value, *, strict: bool = True) -> None:
       raise ValueError(f"{where} is an empty array.")
     if not np.all(np.isfinite(arr)):
       raise ValueError(f"{where} must be finite, got {_show(arr)}.")
-    if np.any(arr <= 0) if strict else np.any(arr < 0):
+    if not signed and (np.any(arr <= 0) if strict else np.any(arr < 0)):
       raise ValueError(f"{where} must be {'>' if strict else '>='} 0, got {_show(arr)}.")
   if not jax.tree.leaves(value):
     raise ValueError(f"{name} is an empty pytree.")
@@ -115,7 +115,7 @@ def _show(arr: np.ndarray) -> str:
   if arr.ndim == 0:
     return repr(arr.item())
   bad = arr[~np.isfinite(arr)] if not np.all(np.isfinite(arr)) else arr[arr <= 0]
-  return f"an array of shape {arr.shape} containing {bad.ravel()[0]!r}"
+  return f"an array of shape {arr.shape} containing {bad.ravel()[0].item()!r}"
 
 
 def hyperparameter_result(value, *, strict: bool = True) -> jax.Array:
@@ -124,6 +124,12 @@ def hyperparameter_result(value, *, strict: bool = True) -> jax.Array:
   for leaf in jax.tree.leaves(value):
     leaf = jnp.asarray(leaf)
     ok &= jnp.all(jnp.isfinite(leaf)) & jnp.all(leaf > 0 if strict else leaf >= 0)
+  return jnp.where(ok, RESULTS.successful, RESULTS.invalid_hyperparameter).astype(jnp.int32)
+
+
+def finite_result(value) -> jax.Array:
+  """Run-time check that a traced hyperparameter is finite: ``invalid_hyperparameter`` or 0."""
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in jax.tree.leaves(value)]))
   return jnp.where(ok, RESULTS.successful, RESULTS.invalid_hyperparameter).astype(jnp.int32)
 
 

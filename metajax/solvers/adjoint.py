@@ -94,6 +94,10 @@ class Adjoint(InnerSolver):
     reg_ = _common.as_scalar("reg", reg_, dtype)
     hyper_result = jnp.maximum(_common.hyperparameter_result(t1_),
                                _common.hyperparameter_result(reg_, strict=False))
+    reported_t1 = t1_
+    if _common.is_traced((t1_, reg_)):  # an invalid traced value: integrate a harmless flow
+      t1_ = jnp.where(hyper_result == 0, t1_, jnp.ones_like(t1_))
+      reg_ = jnp.where(hyper_result == 0, reg_, jnp.zeros_like(reg_))
     # Closure conversion: traced values loss_fn closes over become ODE arguments, which
     # every diffrax adjoint (BacksolveAdjoint too) differentiates.
     loss_fn, consts = jax.closure_convert(self.loss_fn, params, support)
@@ -152,7 +156,7 @@ class Adjoint(InnerSolver):
     time_reached = sol.ts[-1] * t1_
     if self.throw:
       phi = error_if(phi, result, "metajax adjoint solver, ODE stage (gradient flow)",
-                     time=time_reached, t1=t1_, ode_steps=steps, reg=reg_)
+                     time=time_reached, t1=reported_t1, ode_steps=steps, reg=reg_)
     info = AdaptInfo(
         result=result, steps=steps,
         residual=residual, loss=loss_fn(phi, support, *consts),

@@ -36,6 +36,14 @@ def _step_size_tree(step_size, params: PyTree, dtype) -> PyTree:
       f"{jax.tree.structure(params)}.")
 
 
+def _check_step_size(step_size) -> None:
+  """A scalar step size must be finite and >= 0; a per-parameter tree (Meta-SGD) only finite:
+  Meta-SGD's learned rates set direction as well as size and may be negative (Li et al. 2017)."""
+  per_parameter = isinstance(step_size, (dict, list, tuple)) or (
+      len(jax.tree.leaves(step_size)) == 1 and jnp.ndim(jax.tree.leaves(step_size)[0]) > 0)
+  _common.check_hyperparameter("step_size", step_size, strict=False, signed=per_parameter)
+
+
 class Unrolled(InnerSolver):
   """K inner steps differentiated by backpropagation (see :func:`unrolled`)."""
 
@@ -60,7 +68,7 @@ class Unrolled(InnerSolver):
       raise ValueError(f"unroll must be 'auto', True, or an int >= 1; got {unroll!r}.")
     self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
     if self.step_size is not None:
-      _common.check_hyperparameter("step_size", self.step_size, strict=False)
+      _check_step_size(self.step_size)
     self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
     self.unroll, self.step_aware = unroll, step_aware
     self.hyperparameters = () if optimizer is not None else ("step_size",)
@@ -84,7 +92,7 @@ class Unrolled(InnerSolver):
       if step_size is None:
         step_size = self.step_size
       else:
-        _common.check_hyperparameter("step_size", step_size, strict=False)
+        _check_step_size(step_size)
       rates = _step_size_tree(step_size, params, dtype)
 
     def step(carry):
@@ -108,9 +116,12 @@ class Unrolled(InnerSolver):
     (phi, _, k), losses = _loops.repeat(step, carry, self.steps, n_unroll)
 
     finite_losses = jnp.isfinite(losses)
-    finite = jnp.all(finite_losses) & all_finite(phi)
+    finite = jnp.all(finite_losses) & jnp.isfinite(_common.tree_vdot(phi, phi))
+    # Traced (learned) step sizes are checked for finiteness only: Meta-SGD's learned
+    # per-parameter rates set direction and size and may turn negative (Li et al. 2017);
+    # learn={"step_size": "log"} keeps them positive.
     hyper_ok = (RESULTS.successful if rates is None or not _common.is_traced(rates)
-                else _common.hyperparameter_result(rates, strict=False))
+                else _common.finite_result(rates))
     result = jnp.where(hyper_ok != 0, hyper_ok,
                        jnp.where(finite, RESULTS.successful, RESULTS.nonfinite)).astype(jnp.int32)
     first_bad = jnp.where(jnp.all(finite_losses), self.steps, jnp.argmin(finite_losses))
@@ -147,7 +158,10 @@ def unrolled(
     step_size: inner learning rate for plain gradient descent (finite, >= 0): a scalar, or
       a pytree shaped like ``params`` for per-parameter step sizes (Meta-SGD). Default
       0.01. It can also be passed at call time (possibly traced), and then receives a
-      meta-gradient; traced values are checked at run time.
+      meta-gradient. A scalar must be finite and >= 0; per-parameter (Meta-SGD) rates and
+      traced (learned) values must be finite but may be negative, as Meta-SGD's learned
+      rates are (they set direction and size); ``meta_objective(..., learn={"step_size":
+      "log"})`` keeps learned rates positive.
     optimizer: any optax ``GradientTransformation`` used as the inner
       optimizer instead of gradient descent. To differentiate through Adam, use
       ``optax.adam(lr, eps_root=1e-8)`` (or :func:`differentiable_adam`):

@@ -1,26 +1,18 @@
-"""Runs the bad-input table of the data loaders, experiment flags and checkpoint resume."""
+"""Experiment flags: config defaults, chunking, Meta-SGD evaluation (the bad-input rows of the
+data loaders, flags and checkpoints run in tests/test_bad_inputs.py)."""
 
 import os
-import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # a bare `pytest` puts tests/, not the repository root, on sys.path
   sys.path.insert(0, ROOT)
 
-from tests import badinput  # noqa: E402
 from tests.bad_inputs_data_cli import CASES, _script  # noqa: E402
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gets_a_clear_error(case):
-  message = badinput.message_of(case)
-  assert re.search(case.match, message), f"{case.id}:\n{message}"
 
 
 def test_table_covers_each_area_with_distinct_inputs():
