@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from metajax.solvers import _common, _loops
-from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
+from metajax.solvers._result import RESULTS, AdaptInfo, error_if
 from metajax.solvers.base import InnerSolver
 
 PyTree = Any
