@@ -72,13 +72,7 @@ def _check_bool(name: str, value) -> None:
 
 
 def _check_dtype(dtype) -> None:
-  try:
-    floating = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError as err:
-    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from err
-  if not floating:
-    raise TypeError(f"dtype must be a floating-point dtype such as jnp.float32, got "
-                    f"{jnp.dtype(dtype).name}.")
+  _common.check_float_dtype(dtype)
 
 
 def _check_range(name: str, value, hint: str = "") -> tuple[float, float]:

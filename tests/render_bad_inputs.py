@@ -32,8 +32,10 @@ def all_cases() -> list:
 
 def short(message: str) -> str:
   """The part of a message a user reads: for run-time errors, the metajax line."""
-  found = re.findall(r"SolverError: (.*)", message)
-  text = found[-1] if found else message.strip().splitlines()[0] if message.strip() else message
+  found = re.findall(r"SolverError: (.*)", message) or re.findall(r"^\S+: error: .*$", message,
+                                                                    re.M)
+  lines = message.strip().splitlines()
+  text = found[-1] if found else lines[0] if lines else message
   text = text.replace("(throw=False returns the status in AdaptInfo.result instead of raising.)",
                       "").strip()
   text = re.sub(r"/tmp/[^\s:'\"]+/", "$TMP/", text)

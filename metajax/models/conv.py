@@ -228,13 +228,7 @@ def _check_input_shape(input_shape) -> tuple[int, int, int]:
 
 
 def _check_float_dtype(dtype) -> None:
-  try:
-    floating = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError as err:
-    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from err
-  if not floating:
-    raise TypeError(f"dtype must be a floating-point dtype such as jnp.float32, got "
-                    f"{jnp.dtype(dtype).name}.")
+  _common.check_float_dtype(dtype)
 
 
 def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):

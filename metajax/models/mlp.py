@@ -85,13 +85,7 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
   _common.check_callable("activation", activation)
   if kernel_init is not None:
     _common.check_callable("kernel_init", kernel_init)
-  try:
-    floating = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError as err:
-    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from err
-  if not floating:
-    raise TypeError(f"dtype must be a floating-point dtype such as jnp.float32, got "
-                    f"{jnp.dtype(dtype).name}.")
+  _common.check_float_dtype(dtype)
   module = MLP(features, activation)
   if kernel_init is not None:
     module = module.clone(kernel_init=kernel_init)

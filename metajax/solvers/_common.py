@@ -50,6 +50,17 @@ def params_dtype(params: PyTree, name: str = "params"):
   return jnp.result_type(*dtypes)
 
 
+def check_float_dtype(dtype, name: str = "dtype") -> None:
+  """``dtype`` must be a floating-point dtype (e.g. ``jnp.float32``)."""
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError as err:
+    raise TypeError(f"{name} must be a floating-point dtype, got {dtype!r}.") from err
+  if not floating:
+    raise TypeError(f"{name} must be a floating-point dtype such as jnp.float32, got "
+                    f"{jnp.dtype(dtype).name}.")
+
+
 def default_tol(dtype, *, float64: float, float32: float) -> float:
   """A tolerance suited to ``dtype`` (tighter in double precision)."""
   return float64 if jnp.finfo(dtype).bits >= 64 else float32
