@@ -22,6 +22,9 @@ def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
     raise ValueError("devices is empty: a task mesh needs at least one device.")
+  bad = [d for d in devices if not isinstance(d, jax.Device)]
+  if bad:
+    raise TypeError(f"devices must be jax.Device objects (e.g. jax.devices()), got {bad[0]!r}.")
   return Mesh(np.asarray(devices), (TASK_AXIS,))
 
 
@@ -48,9 +51,15 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
     >>> import jax
     >>> x = shard_tasks(jnp.zeros((len(jax.devices()) * 2, 3)), task_mesh())
   """
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. task_mesh()), got "
+                    f"{type(mesh).__name__}.")
   size = mesh.devices.size
-  for leaf in jax.tree.leaves(tasks):
-    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % size:
-      raise ValueError(f"the task axis (leading, size {np.shape(leaf)[:1]}) must be a "
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tasks):
+    where = f"tasks{jax.tree_util.keystr(path)}"
+    if np.ndim(leaf) == 0:
+      raise ValueError(f"{where} is a scalar: every leaf needs a leading task axis.")
+    if np.shape(leaf)[0] % size:
+      raise ValueError(f"the task axis of {where} (size {np.shape(leaf)[0]}) must be a "
                        f"multiple of the mesh size {size}.")
   return jax.device_put(tasks, task_sharding(mesh))

@@ -47,6 +47,11 @@ def _train_with(loss_fn, sample, nonfinite="raise"):
   return step(state, jax.random.key(0))
 
 
+def _linear_sample(key, n):
+  x = jax.random.normal(key, (n, 4, 2))
+  return metajax.tasks.Task((x, jnp.ones((n, 4))), (x, jnp.ones((n, 4))))
+
+
 def _nan_sample(key, n):
   x = jax.random.normal(key, (n, 4, 2))
   return metajax.tasks.Task((x.at[:, 0, 0].set(jnp.nan), jnp.ones((n, 4))), (x, jnp.ones((n, 4))))
@@ -299,4 +304,47 @@ CASES = [
          ValueError, "multiple of the mesh size"),
     Case("parallel", "task_mesh over no devices", lambda: metajax.parallel.task_mesh([]),
          ValueError, "devices is empty"),
+    # --- found by a new-user probe ----------------------------------------------------------
+    Case("solvers", "params with a Python float leaf",
+         lambda: _adapt("unrolled")({"w": jnp.zeros(2), "b": 0.0}, SUPPORT), TypeError,
+         r"params\['b'\] is a Python float"),
+    Case("solvers", "implicit with params of mixed float32/float64 dtypes",
+         lambda: S.implicit(lambda p, b: jnp.sum((p["w"] - b) ** 2 + p["b"] ** 2), reg=1.0)(
+             {"w": jnp.zeros(2, jnp.float32), "b": jnp.zeros(2)}, SUPPORT),
+         TypeError, r"needs params of one dtype, got \['float32', 'float64'\]"),
+    Case("solvers", "implicit with bfloat16 params",
+         lambda: _adapt("implicit")(jnp.zeros(2, jnp.bfloat16), SUPPORT), TypeError,
+         "needs float32 or float64 params, got bfloat16"),
+    Case("solvers", "adjoint with float16 params",
+         lambda: _adapt("adjoint")(jnp.zeros(2, jnp.float16), SUPPORT), TypeError,
+         "needs float32 or float64 params, got float16"),
+    Case("meta", "train step given the objective instead of its value_and_grad",
+         lambda: metajax.meta.make_train_step(
+             metajax.meta.meta_objective(S.unrolled(LOSS, steps=1), LOSS), optax.sgd(0.1),
+             _linear_sample, meta_batch_size=2)(
+                 metajax.meta.init_train_state(jnp.zeros(2), optax.sgd(0.1)), jax.random.key(0)),
+         TypeError, r"must return \(loss, grads\).*jax.value_and_grad"),
+    Case("meta", "sample_tasks returning more tasks than meta_batch_size",
+         lambda: _train_with(LOSS, lambda k, n: _linear_sample(k, 3)), ValueError,
+         "must return tasks with a leading axis of meta_batch_size=2; got sizes \\[3\\]"),
+    Case("meta", "evaluate over one task (no confidence interval)",
+         lambda: metajax.meta.evaluate(S.unrolled(LOSS, steps=1), LOSS, jnp.zeros(2),
+                                       jax.tree.map(lambda x: x[:1], TASKS)), ValueError,
+         "evaluate needs at least 2 tasks"),
+    Case("meta", "evaluate with a metric that is not a scalar per task",
+         lambda: metajax.meta.evaluate(S.unrolled(LOSS, steps=1), lambda p, b: b[0] @ p,
+                                       jnp.zeros(2), TASKS), ValueError,
+         "must return a scalar per task, got shape \\(4,\\)"),
+    Case("models", "make_mlp with an integer seed instead of a key",
+         lambda: metajax.models.make_mlp(0), TypeError, "key must be a PRNG key"),
+    Case("parallel", "shard_tasks with a scalar leaf",
+         lambda: metajax.parallel.shard_tasks({"a": jnp.ones((4, 3)), "s": jnp.float32(1.0)},
+                                              metajax.parallel.task_mesh()), ValueError,
+         r"tasks\['s'\] is a scalar"),
+    Case("parallel", "shard_tasks with a string for the mesh",
+         lambda: metajax.parallel.shard_tasks(jnp.ones((4, 3)), "mesh"), TypeError,
+         "mesh must be a jax.sharding.Mesh"),
+    Case("parallel", "task_mesh over device names instead of devices",
+         lambda: metajax.parallel.task_mesh(["cpu0"]), TypeError,
+         "devices must be jax.Device objects"),
 ]

@@ -72,6 +72,10 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
     n = check_tasks(tasks)
     run = _program(adapt, metric_fn, _task_batching(task_batching, metric_fn, params, tasks))
     parts = []
+    out = jax.eval_shape(run, params, jax.tree.map(lambda x: x[:1], tasks))
+    if jnp.shape(out) != (1,):
+      raise ValueError(f"metric_fn(adapted_params, query) must return a scalar per task, got "
+                       f"shape {jnp.shape(out)[1:]}.")
     for start in range(0, n, chunk):
       batch = jax.tree.map(lambda x: x[start:start + chunk], tasks)
       size = min(chunk, n - start)
@@ -111,6 +115,9 @@ def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
     >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 8)
     >>> mean, ci = metajax.meta.evaluate(adapt, loss, jnp.ones((1, 1)), tasks)
   """
+  if check_tasks(tasks) < 2:
+    raise ValueError("evaluate needs at least 2 tasks for a confidence interval, got 1; use "
+                     "evaluate_per_task for one task.")
   per_task = evaluate_per_task(adapt, metric_fn, params, tasks, chunk=chunk,
                                task_batching=task_batching)
   return confidence_interval(per_task, level)

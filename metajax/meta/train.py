@@ -168,11 +168,23 @@ class _TrainStep:
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
 
     def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
-      return sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+      tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
+      sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tasks)}
+      if sizes != {meta_batch_size}:
+        raise ValueError(f"sample_tasks(key, {meta_batch_size}, ...) must return tasks with a "
+                         f"leading axis of meta_batch_size={meta_batch_size}; got sizes "
+                         f"{sorted(sizes, key=str)}.")
+      return tasks
 
     def group_value_and_grad(meta_params, tasks, step):
       with context(meta_iteration=step):  # inner-solver failures name the meta-iteration
-        return value_and_grad(meta_params, tasks)
+        out = value_and_grad(meta_params, tasks)
+      if not (isinstance(out, tuple) and len(out) == 2 and jnp.ndim(out[0]) == 0):
+        raise TypeError("value_and_grad(meta_params, tasks) must return (loss, grads) with a "
+                        f"scalar loss, got {type(out).__name__}"
+                        f"{' of shape ' + str(jnp.shape(out)) if hasattr(out, 'shape') else ''}; "
+                        "wrap the objective: jax.value_and_grad(meta_objective(adapt, loss_fn)).")
+      return out
 
     def one_iteration(state: TrainState, key, data):
       loss, grads = group_value_and_grad(state.meta_params, sample(state, key, data), state.step)

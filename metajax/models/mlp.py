@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax.solvers import _common
+from metajax.tasks import _check_key
 
 MAML_KERNEL_INIT = nn.initializers.truncated_normal(stddev=0.01)
 """The weight initializer of MAML's sinusoid code (``tf.truncated_normal(stddev=0.01)``)."""
@@ -81,6 +82,7 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
     (5, 1)
   """
   _common.check_positive_int("in_features", in_features)
+  _check_key(key)
   features = _check_features(features)
   _common.check_callable("activation", activation)
   if kernel_init is not None:

@@ -43,7 +43,11 @@ def params_dtype(params: PyTree, name: str = "params"):
   leaves = jax.tree.leaves(params)
   if not leaves:
     raise ValueError(f"{name} is an empty pytree: there is nothing to adapt.")
-  dtypes = [jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype for x in leaves]
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if not hasattr(x, "dtype"):
+      raise TypeError(f"{name}{jax.tree_util.keystr(path)} is a Python {type(x).__name__}; "
+                      f"{name} leaves must be arrays (wrap it with jnp.asarray).")
+  dtypes = [x.dtype for x in leaves]
   bad = [str(d) for d in dtypes if not jnp.issubdtype(d, jnp.floating)]
   if bad:
     raise TypeError(f"{name} must hold floating-point arrays only; found dtypes {bad}.")
@@ -59,6 +63,17 @@ def check_float_dtype(dtype, name: str = "dtype") -> None:
   if not floating:
     raise TypeError(f"{name} must be a floating-point dtype such as jnp.float32, got "
                     f"{jnp.dtype(dtype).name}.")
+
+
+def check_one_dtype(params, solver: str) -> None:
+  """Solvers whose loops carry params as one state need one floating dtype throughout."""
+  dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
+  if len(dtypes) > 1:
+    raise TypeError(f"the {solver} solver needs params of one dtype, got {dtypes}; cast them "
+                    "(e.g. jax.tree.map(lambda p: p.astype(jnp.float32), params)).")
+  if dtypes and dtypes[0] in ("bfloat16", "float16"):
+    raise TypeError(f"the {solver} solver needs float32 or float64 params, got {dtypes[0]}: "
+                    "its tolerances and line searches are not meaningful in half precision.")
 
 
 def default_tol(dtype, *, float64: float, float32: float) -> float:

@@ -83,6 +83,7 @@ class Adjoint(InnerSolver):
         stepsize_controller, rtol, atol, adjoint)
 
   def _solve(self, params, support, *, t1=None, reg=None):
+    _common.check_one_dtype(params, "adjoint")
     dtype = _common.params_dtype(params)
     t1_ = self.t1 if t1 is None else t1
     reg_ = self.reg if reg is None else reg

@@ -111,6 +111,7 @@ class Implicit(InnerSolver):
 
   # -- the solve ----------------------------------------------------------------------------
   def _solve(self, params, support, *, reg=None):
+    _common.check_one_dtype(params, "implicit")
     reg_ = self._reg(params, reg)
     hyper_result = (_common.hyperparameter_result(reg_) if _common.is_traced(reg_)
                     else jnp.zeros((), jnp.int32))
