@@ -116,7 +116,7 @@ def test_bad_call_time_step_size_names_the_argument():
   with pytest.raises(ValueError, match=r"step_size\['w'\] has shape"):
     adapt(problem.params, problem.support, step_size={"w": jnp.ones(2), "b": 0.1})
   with pytest.raises(TypeError, match="floating-point"):
-    adapt({"w": jnp.arange(4), "b": 0.0}, problem.support)
+    adapt({"w": jnp.arange(4), "b": jnp.zeros(())}, problem.support)
 
 
 def test_reptile_direction_is_theta_minus_mean_adapted():

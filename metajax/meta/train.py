@@ -54,13 +54,15 @@ def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> Tr
   leaves = jax.tree.leaves(meta_params)
   if not leaves:
     raise ValueError("meta_params is an empty pytree: there is nothing to meta-train.")
-  _common.params_dtype(meta_params, "meta_params")
-  strong = [x.dtype for x in leaves if hasattr(x, "dtype") and not getattr(x, "weak_type", False)]
+  strong = [x.dtype for x in leaves if hasattr(x, "dtype") and not getattr(x, "weak_type", False)
+            and jnp.issubdtype(x.dtype, jnp.floating)]
   dtype = jnp.result_type(*strong) if strong else jnp.asarray(0.0).dtype
   def cast(x):
     x = jnp.asarray(x)
-    return x.astype(dtype if getattr(x, "weak_type", False) else x.dtype)
+    weak_float = getattr(x, "weak_type", False) and jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(dtype if weak_float else x.dtype)
   meta_params = jax.tree.map(cast, meta_params)
+  _common.params_dtype(meta_params, "meta_params")
   return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
                     jnp.zeros((), jnp.int32))
 
