@@ -194,7 +194,7 @@ CASES = [
          "implicit solver, inner stage.*(diverged|non-finite)"),
     Case("solvers", "inner step cap reached before the tolerance",
          lambda: jax.jit(S.implicit(_quad, reg=1.0, optimizer=inner_optimizers.gd(1e-3),
-                                    max_steps=3))(THETA, SUPPORT), RUNTIME,
+                                    max_steps=3, tol=1e-6))(THETA, SUPPORT), RUNTIME,
          "step cap .max_steps. was reached.*iterations=3"),
     Case("solvers", "diverging Neumann series in the implicit gradient",
          lambda: jax.jit(jax.grad(lambda t: jnp.sum(S.implicit(

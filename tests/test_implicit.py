@@ -79,14 +79,20 @@ def test_diagnostics_and_linear_solve_info():
 def test_throw_names_the_inner_stage_and_residual():
   problem = linreg.Problem()
   adapt = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, optimizer=inner_optimizers.gd(1e-3),
-                                   max_steps=3)
+                                   max_steps=3, tol=None)
   with pytest.raises(Exception, match=r"inner stage .*step cap .max_steps. was reached.*"
                                       r"iterations=3, residual=\d"):
     jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
   quiet = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, optimizer=inner_optimizers.gd(1e-3),
-                                   max_steps=3, throw=False)
+                                   max_steps=3, tol=None, throw=False)
   _, info = quiet.solve(problem.params, problem.support)
   assert int(info.result) == RESULTS.max_steps_reached
+  # The default fixed budget (tol=0) ran its 3 iterations: successful, residual reported.
+  budget = metajax.solvers.implicit(linreg.loss_fn, reg=2.0, optimizer=inner_optimizers.gd(1e-3),
+                                    max_steps=3)
+  _, info = budget.solve(problem.params, problem.support)
+  assert int(info.result) == RESULTS.successful and int(info.steps) == 3
+  assert float(info.residual) > 1e-3
 
 
 def test_throw_names_the_linear_solve_stage():
