@@ -125,22 +125,24 @@ def _check_images(images, *, rotations: bool) -> tuple[int, int]:
 
 
 def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_query: int,
-                      x_range: tuple[float, float], dtype=jnp.float32):
-  """A 1-D regression task family ``y = target_fn(x, **task_params)``.
+                      x_range: tuple[float, float], dtype=jnp.float32, input_dim: int = 1):
+  """A regression task family ``y = target_fn(x, **task_params)``.
 
   Each task draws its parameters uniformly from ``param_ranges`` and its inputs
-  uniformly from ``x_range``. Batches are ``(x, y)`` with shapes ``(n, 1)``.
+  uniformly from ``x_range`` (each coordinate). Batches are ``(x, y)`` with shapes
+  ``(n, input_dim)`` and ``(n, 1)``.
 
   Args:
     target_fn: ``target_fn(x, **task_params) -> y``, with ``x`` and each task parameter
-      broadcastable (``x``: ``(num_tasks, n, 1)``, parameters: ``(num_tasks, 1, 1)``); ``y``
-      must have ``x``'s shape.
+      broadcastable (``x``: ``(num_tasks, n, input_dim)``, parameters: ``(num_tasks, 1,
+      1)``); ``y`` must have shape ``(num_tasks, n, 1)``.
     param_ranges: a non-empty dict ``{name: (low, high)}`` of finite ``low < high``; the names
       are ``target_fn``'s keyword arguments.
     num_support: support examples per task (a positive int).
     num_query: query examples per task (a positive int).
     x_range: ``(low, high)`` of the inputs, finite with ``low < high``.
     dtype: a floating-point dtype.
+    input_dim: the number of input coordinates (a positive int).
 
   Returns:
     ``sample(key, num_tasks) -> Task``; ``num_tasks`` is a Python int (static under ``jit``).
@@ -176,6 +178,7 @@ def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_qu
   _common.check_positive_int("num_query", num_query)
   x_low, x_high = _check_range("x_range", x_range)
   _check_dtype(dtype)
+  _common.check_positive_int("input_dim", input_dim)
 
   def sample(key, num_tasks: int) -> Task:
     num_tasks = _check_num_tasks(num_tasks)
@@ -186,10 +189,10 @@ def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_qu
         name: _uniform(k, (num_tasks, 1, 1), *ranges[name], dtype)
         for name, k in zip(names, keys)
     }
-    x = _uniform(key_x, (num_tasks, num_support + num_query, 1), x_low, x_high, dtype)
+    x = _uniform(key_x, (num_tasks, num_support + num_query, input_dim), x_low, x_high, dtype)
     y = jnp.asarray(target_fn(x, **task_params))
-    if y.shape != x.shape:
-      raise ValueError(f"target_fn must return y shaped like x, {x.shape} (num_tasks, "
+    if y.shape != x.shape[:2] + (1,):
+      raise ValueError(f"target_fn must return y of shape {x.shape[:2] + (1,)} (num_tasks, "
                        f"num_support + num_query, 1), got shape {y.shape}.")
     y = y.astype(dtype)
     return Task(support=(x[:, :num_support], y[:, :num_support]),
@@ -230,6 +233,47 @@ def cos_mixture(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float
       lambda x, c, p, f: -c * jnp.cos(f * jnp.pi * x + p) - x ** 2,
       {"c": (0.1, 1.0), "p": (0.5, 2.0), "f": (3.0, 6.0)},
       num_support=num_support, num_query=num_query, x_range=(-1.0, 1.0), dtype=dtype)
+
+
+def cos_mixture2d(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float32):
+  """A-MAML's CosMixture2D: ``y = -c sum_d cos(f pi x_d + p) - sum_d x_d^2`` on ``[-1, 1]^2``.
+
+  ``c``, ``p``, ``f`` as in :func:`cos_mixture` (shared by both coordinates).
+
+  Example:
+    >>> import jax
+    >>> from metajax.tasks import cos_mixture2d
+    >>> cos_mixture2d(num_support=10, num_query=10)(jax.random.key(0), 4).support[0].shape
+    (4, 10, 2)
+  """
+  return regression_family(
+      lambda x, c, p, f: jnp.sum(-c * jnp.cos(f * jnp.pi * x + p) - x ** 2, -1, keepdims=True),
+      {"c": (0.1, 1.0), "p": (0.5, 2.0), "f": (3.0, 6.0)},
+      num_support=num_support, num_query=num_query, x_range=(-1.0, 1.0), dtype=dtype,
+      input_dim=2)
+
+
+def alpine2d(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float32):
+  """A-MAML's Alpine2D: a shifted Alpine function on ``[-10, 10]^2``.
+
+  ``y = sum_d |x_d sin(x_d + pi + k_d pi / 12) + x_d / 10|`` with shifts ``k_1, k_2`` in
+  U[-5, 5], drawn independently (A-MAML's code declares two shifts but uses the first for
+  both coordinates). Inputs span [-10, 10]: standardize them for a tanh network
+  (``experiments/amaml.py`` does, as A-MAML's code does).
+
+  Example:
+    >>> import jax
+    >>> from metajax.tasks import alpine2d
+    >>> alpine2d(num_support=10, num_query=10)(jax.random.key(0), 4).query[1].shape
+    (4, 10, 1)
+  """
+  def alpine(x, k1, k2):
+    shift = jnp.pi + jnp.concatenate([k1, k2], axis=-1) * jnp.pi / 12
+    return jnp.sum(jnp.abs(x * jnp.sin(x + shift) + x / 10), -1, keepdims=True)
+
+  return regression_family(alpine, {"k1": (-5.0, 5.0), "k2": (-5.0, 5.0)},
+                           num_support=num_support, num_query=num_query,
+                           x_range=(-10.0, 10.0), dtype=dtype, input_dim=2)
 
 
 def _rotate(images, quarter_turns):
