@@ -31,11 +31,9 @@ import sys
 import time
 
 import jax
-
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -97,11 +95,10 @@ def _names(parser, flag, value, allowed):
   return names
 
 
-def make_pools(family_name: str, num_tasks: int, key):
+def make_pools(family_name: str, num_tasks: int, key, dtype=jnp.float64):
   """Meta-train and meta-test pools ``(x, y)``: ``(num_tasks, 2 * POOL_POINTS, d)`` each,
   standardized with the meta-train pool's mean and standard deviation (A-MAML's scaler)."""
-  family = FAMILIES[family_name](num_support=POOL_POINTS, num_query=POOL_POINTS,
-                                 dtype=jnp.float64)
+  family = FAMILIES[family_name](num_support=POOL_POINTS, num_query=POOL_POINTS, dtype=dtype)
   pools = []
   for k in jax.random.split(key):
     tasks = family(k, num_tasks)
@@ -139,15 +136,25 @@ def make_solver(name: str, loss_fn, steps: int, args):
   return s.adjoint(loss_fn, t1=steps * args.step_size, reg=args.reg)
 
 
+def meta_gradient(name: str, loss_fn, steps: int, args):
+  """``(adapt, value_and_grad)`` of solver ``name`` with ``steps`` inner steps."""
+  adapt = make_solver(name, loss_fn, steps, args)
+  if name == "reptile":
+    return adapt, metajax.meta.reptile_value_and_grad(adapt, loss_fn)
+  return adapt, jax.value_and_grad(metajax.meta.meta_objective(adapt, loss_fn))
+
+
+def peak_memory_mb(value_and_grad, params, batch) -> float:
+  """XLA's buffer assignment (temp + arguments + outputs) of one meta-gradient, in MiB."""
+  compiled = jax.jit(value_and_grad).lower(params, batch).compile()
+  return common.compiled_peak_bytes(compiled) / 2 ** 20
+
+
 def run_one(name: str, steps: int, args, params, apply_fn, pools, key) -> dict:
   loss_fn = metajax.meta.mse_loss(apply_fn)
-  adapt = make_solver(name, loss_fn, steps, args)
-  value_and_grad = (metajax.meta.reptile_value_and_grad(adapt, loss_fn) if name == "reptile"
-                    else jax.value_and_grad(metajax.meta.meta_objective(adapt, loss_fn)))
+  adapt, value_and_grad = meta_gradient(name, loss_fn, steps, args)
   sample = pool_sampler(args.shots, args.queries)
-  batch = sample(key, args.meta_batch, *pools[0])
-  compiled = jax.jit(value_and_grad).lower(params, batch).compile()
-  peak_mb = common.compiled_peak_bytes(compiled) / 2 ** 20
+  peak_mb = peak_memory_mb(value_and_grad, params, sample(key, args.meta_batch, *pools[0]))
   optimizer = optax.sgd(args.meta_lr)
   train_step = metajax.meta.make_train_step(value_and_grad, optimizer, sample,
                                             meta_batch_size=args.meta_batch,
@@ -217,6 +224,7 @@ def plot(rows, args, path):
 
 def main(argv=None):
   args = parse_args(argv)
+  jax.config.update("jax_enable_x64", True)  # A-MAML's float64
   os.makedirs(args.out, exist_ok=True)
   key_init, key_pool, key_train = jax.random.split(jax.random.key(args.seed), 3)
   pools = make_pools(args.family, args.tasks, key_pool)

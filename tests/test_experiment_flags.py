@@ -51,3 +51,42 @@ def test_fewshot_metasgd_finetunes_with_the_learned_step_sizes():
                              rtol=1e-6)
   maml, _ = fewshot.make_finetune(args("maml"), config, None, loss, theta, ())
   np.testing.assert_allclose(maml(theta, support)["w"], [1 - 0.6 ** 3] * 2, rtol=1e-6)
+
+
+def test_amaml_pools_are_standardized_and_tasks_come_from_them():
+  amaml = _script("amaml")
+  train, test = amaml.make_pools("cos_mixture2d", 6, jax.random.key(0), dtype=jnp.float32)
+  assert train[0].shape == (6, 2 * amaml.POOL_POINTS, 2) and train[1].shape[-1] == 1
+  for a in train:  # standardized with the meta-train pool's statistics
+    np.testing.assert_allclose(a.mean((0, 1)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(a.std((0, 1)), 1.0, atol=1e-4)
+  assert not np.allclose(train[1][:, :5], test[1][:, :5])  # different functions
+  tasks = amaml.pool_sampler(7, 3)(jax.random.key(1), 4, *train)
+  assert tasks.support[0].shape == (4, 7, 2) and tasks.query[1].shape == (4, 3, 1)
+  # every support point is a point of the pool's first half, every query of the second half
+  xs = np.asarray(tasks.support[0]).reshape(-1, 2)
+  pool_x = np.asarray(train[0])
+  first = pool_x[:, :amaml.POOL_POINTS].reshape(-1, 2)
+  second = pool_x[:, amaml.POOL_POINTS:].reshape(-1, 2)
+  assert all(np.any(np.all(np.isclose(first, x), -1)) for x in xs)
+  xq = np.asarray(tasks.query[0]).reshape(-1, 2)
+  assert all(np.any(np.all(np.isclose(second, x), -1)) for x in xq)
+
+
+def test_amaml_adjoint_memory_is_flat_in_trajectory_length_and_maml_grows():
+  """Issue 15's memory claim at a small scale (2 and 16 inner steps), and one short run."""
+  amaml = _script("amaml")
+  args = amaml.parse_args(["--iterations", "2", "--chunk", "1", "--tasks", "4",
+                           "--meta-batch", "2", "--shots", "5", "--queries", "5"])
+  pools = amaml.make_pools("cos_mixture", 4, jax.random.key(0), dtype=jnp.float32)
+  params, apply_fn = __import__("metajax").models.make_mlp(
+      jax.random.key(1), 1, (8, 1), activation=jnp.tanh)
+  loss = __import__("metajax").meta.mse_loss(apply_fn)
+  batch = amaml.pool_sampler(5, 5)(jax.random.key(2), 2, *pools[0])
+  peak = {(name, k): amaml.peak_memory_mb(amaml.meta_gradient(name, loss, k, args)[1], params,
+                                          batch)
+          for name in ("maml", "adjoint") for k in (2, 16)}
+  assert peak["adjoint", 16] <= 1.2 * peak["adjoint", 2]
+  assert peak["maml", 16] > 2 * peak["maml", 2]
+  row = amaml.run_one("maml", 2, args, params, apply_fn, pools, jax.random.key(2))
+  assert np.isfinite(row["rmse"]) and row["ci95"] > 0 and row["peak_mb"] == peak["maml", 2]

@@ -151,6 +151,28 @@ def test_evaluate_reports_per_task_mean():
   assert mean == pytest.approx(float(expected.mean()), rel=1e-5) and half > 0
 
 
+def test_evaluate_twice_with_the_same_functions_compiles_once():
+  """Issue 13: ``evaluate`` used to build a new ``jit`` (and compile for ~60 s) on every call."""
+  traces = []
+  loss = metajax.meta.mse_loss(lambda p, x: p * x)
+
+  def metric(params, batch):
+    traces.append(1)  # runs when the evaluation program is traced
+    return loss(params, batch)
+
+  adapt = metajax.solvers.implicit(loss, reg=1.0)
+  sample = metajax.tasks.sinusoid()
+  first = metajax.meta.evaluate(adapt, metric, jnp.zeros(()), sample(jax.random.key(0), 30),
+                                chunk=10)
+  traced = len(traces)
+  second = metajax.meta.evaluate(adapt, metric, jnp.ones(()), sample(jax.random.key(1), 30),
+                                 chunk=10)
+  assert traced >= 1 and len(traces) == traced  # the second call reused the compiled program
+  assert first != second
+  metajax.meta.evaluate(adapt, metric, jnp.ones(()), sample(jax.random.key(1), 30), chunk=15)
+  assert len(traces) > traced  # a new chunk size is a new shape: compiled again
+
+
 @pytest.mark.parametrize("solver", ["maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint"])
 def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path, experiment_env):
   out = tmp_path / solver
