@@ -116,7 +116,7 @@ class Adjoint(InnerSolver):
 
     controller = self.stepsize_controller
     if controller is None:
-      tol = _common.default_tol(dtype, float64=1e-10, float32=1e-4)
+      tol = _common.default_tol(dtype, float64=1e-10, float32=1e-6)
       controller = diffrax.PIDController(rtol=tol if self.rtol is None else self.rtol,
                                          atol=tol if self.atol is None else self.atol)
     else:
@@ -208,13 +208,12 @@ def adjoint(
     stepsize_controller: default ``diffrax.PIDController(rtol, atol)``. Its times
       (``dtmin``, ``dtmax``, ``StepTo.ts``, ``ClipStepSizeController``'s ``step_ts`` and
       ``jump_ts``) are in real time units, as with diffrax directly.
-    rtol, atol: tolerances of the default controller; ``None``: 1e-10 in float64, 1e-4
-      in float32. The float32 default is measured: on the (stiff, non-smooth) gradient flow
-      of the ReLU sinusoid MLP at ``t1=0.05``, 1e-4 puts the query loss 0.3% from a
-      float64 reference (MAML's 5 Euler steps of 0.01: 3%) at 46 ms per meta-gradient of 25
-      tasks, where 1e-6 (0.001%) took 225 ms on 2 CPU cores
-      (``experiments/benchmarks/solver_defaults.md``). Non-smooth flows at tight
-      tolerances can hit ``max_steps``: that raises.
+    rtol, atol: tolerances of the default controller; ``None``: 1e-10 in float64, 1e-6
+      in float32. Looser is faster but the meta-gradient degrades faster than the state
+      (``experiments/benchmarks/gradient_error.md``, smooth tanh MLP, t1 = 1: relative
+      meta-gradient error 7e-2 at 1e-4, 1.4e-4 at 1e-6, 1.5e-8 at 1e-10;
+      ``solver_defaults.md``: 1e-4 is ~4x faster on the sinusoid MLP). Non-smooth (ReLU)
+      flows at tight tolerances can hit ``max_steps``: that raises.
     max_steps: step cap (static).
     adjoint: ``"checkpoint"``, ``"backsolve"``, or any ``diffrax.AbstractAdjoint``.
     throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the time reached and the task
