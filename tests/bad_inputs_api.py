@@ -200,7 +200,7 @@ CASES = [
          lambda: jax.jit(jax.grad(lambda t: jnp.sum(S.implicit(
              lambda p, b: 0.5 * p @ jnp.diag(jnp.array([1.0, 10.0])) @ p - b @ p, reg=1.0,
              linear_solver=linear_solvers.neumann(terms=20))(t, SUPPORT))))(THETA), RUNTIME,
-         "linear-solve stage.*diverged.*relative_residual=7"),
+         "linear-solve stage.*diverged.*damp it with ridge=, raise reg.*relative_residual=7"),
     Case("solvers", "adjoint max_steps reached",
          lambda: jax.jit(S.adjoint(_quad, t1=50.0, max_steps=4))(THETA, SUPPORT), RUNTIME,
          "adjoint solver, ODE stage.*max_steps.*time="),

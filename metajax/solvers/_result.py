@@ -44,8 +44,9 @@ _MESSAGES = {
                                "tolerance (raise max_steps or loosen the tolerance)",
     RESULTS.nonfinite: "a non-finite value (NaN or inf) appeared (check the support data, the "
                        "loss and the step size)",
-    RESULTS.diverged: "the iteration diverged (its residual grew more than "
-                      "1e4-fold: lower the step size)",
+    RESULTS.diverged: "the iteration diverged (its residual grew more than 1e4-fold: lower "
+                      "the inner step size; for the linear solve of the implicit gradient, "
+                      "damp it with ridge=, raise reg or use fewer iterations)",
     RESULTS.linear_solve_failed: "the linear solve missed its tolerance (raise maxiter, damp it "
                                  "with ridge=, or use tol=0 for a fixed number of iterations)",
     RESULTS.ode_failed: "the ODE solver failed (step size underflow or an internal error)",
