@@ -84,12 +84,18 @@ def _slow_modes():
       A, c, np.eye(5), cq, theta
 
 
-def _errors(problem, method, t1, tol):
-  """(relative error, absolute error, reference norm) of the meta-gradient at ``t1``."""
-  loss, support, query, A, c, Aq, cq, theta = problem
+def flow_meta_gradient(problem, t1):
+  """The exact meta-gradient of the query loss after the gradient flow to ``t1``."""
+  _, _, _, A, c, Aq, cq, theta = problem
   p_inf = np.linalg.solve(A, c)
   E = scipy.linalg.expm(-A * t1)
-  ref = E.T @ (Aq @ (p_inf + E @ (theta - p_inf)) - cq)
+  return E.T @ (Aq @ (p_inf + E @ (theta - p_inf)) - cq)
+
+
+def _errors(problem, method, t1, tol):
+  """(relative error, absolute error, reference norm) of the meta-gradient at ``t1``."""
+  loss, support, query, *_, theta = problem
+  ref = flow_meta_gradient(problem, t1)
   adapt = metajax.solvers.adjoint(loss, t1=t1, adjoint=method, rtol=tol, atol=tol,
                                   throw=False, max_steps=100_000)
   g = np.asarray(jax.jit(jax.grad(lambda p: loss(adapt(p, support), query)))(

@@ -23,11 +23,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.linalg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from benchmarks.adjoint_methods import _linreg  # noqa: E402
+from benchmarks.adjoint_methods import _linreg, flow_meta_gradient  # noqa: E402
 
 import metajax  # noqa: E402
 
@@ -46,14 +45,11 @@ def _meta_gradient(adapt, loss, support, query, theta):
 
 
 def linear_regression() -> list[dict]:
-  loss, support, query, A, c, Aq, cq, theta = _linreg()
+  problem = _linreg()
+  loss, support, query, A, c, Aq, cq, theta = problem
   theta_j = jnp.asarray(theta)
-  p_inf = np.linalg.solve(A, c)
   eye = np.eye(len(theta))
-
-  def flow(t1):
-    E = scipy.linalg.expm(-A * t1)
-    return E.T @ (Aq @ (p_inf + E @ (theta - p_inf)) - cq)
+  flow = lambda t1: flow_meta_gradient(problem, t1)
 
   rows = []
   for k in (10, 100, 400):

@@ -144,18 +144,18 @@ def _show(arr: np.ndarray) -> str:
   return f"an array of shape {arr.shape} containing {bad.ravel()[0].item()!r}"
 
 
-def hyperparameter_result(value, *, strict: bool = True) -> jax.Array:
-  """Run-time check of a possibly traced hyperparameter: ``RESULTS.invalid_hyperparameter`` or 0."""
+def hyperparameter_result(value, *, strict: bool = True, signed: bool = False) -> jax.Array:
+  """Run-time check of a possibly traced hyperparameter: ``RESULTS.invalid_hyperparameter`` or 0.
+
+  As :func:`check_hyperparameter`: finite, and ``> 0`` (``strict``) or ``>= 0``; ``signed``
+  values need only be finite.
+  """
   ok = jnp.ones((), bool)
   for leaf in jax.tree.leaves(value):
     leaf = jnp.asarray(leaf)
-    ok &= jnp.all(jnp.isfinite(leaf)) & jnp.all(leaf > 0 if strict else leaf >= 0)
-  return jnp.where(ok, RESULTS.successful, RESULTS.invalid_hyperparameter).astype(jnp.int32)
-
-
-def finite_result(value) -> jax.Array:
-  """Run-time check that a traced hyperparameter is finite: ``invalid_hyperparameter`` or 0."""
-  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in jax.tree.leaves(value)]))
+    ok &= jnp.all(jnp.isfinite(leaf))
+    if not signed:
+      ok &= jnp.all(leaf > 0 if strict else leaf >= 0)
   return jnp.where(ok, RESULTS.successful, RESULTS.invalid_hyperparameter).astype(jnp.int32)
 
 

@@ -121,7 +121,7 @@ class Unrolled(InnerSolver):
     # per-parameter rates set direction and size and may turn negative (Li et al. 2017);
     # learn={"step_size": "log"} keeps them positive.
     hyper_ok = (RESULTS.successful if rates is None or not _common.is_traced(rates)
-                else _common.finite_result(rates))
+                else _common.hyperparameter_result(rates, signed=True))
     result = jnp.where(hyper_ok != 0, hyper_ok,
                        jnp.where(finite, RESULTS.successful, RESULTS.nonfinite)).astype(jnp.int32)
     first_bad = jnp.where(jnp.all(finite_losses), self.steps, jnp.argmin(finite_losses))
