@@ -401,3 +401,6 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
     return x, labels
 
   return sample
+
+
+from metajax.task_interpolation import interpolate, mix_tasks  # noqa: E402, F401  (uses Task)

@@ -70,7 +70,8 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
 
   def evaluate(params, tasks: Task):
     n = check_tasks(tasks)
-    run = _program(adapt, metric_fn, _task_batching(task_batching, metric_fn, params, tasks))
+    mode = _task_batching(task_batching, metric_fn, params, tasks, adapt)
+    run = _program(adapt, metric_fn, mode)
     parts = []
     out = jax.eval_shape(run, params, jax.tree.map(lambda x: x[:1], tasks))
     if jnp.shape(out) != (1,):

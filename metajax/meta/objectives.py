@@ -77,12 +77,14 @@ def check_tasks(tasks) -> int:
   return n
 
 
-def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task) -> str:
+def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task, adapt=None) -> str:
   if mode not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {mode!r}.")
   if mode != "auto":
     return mode
   first = jax.tree.map(lambda x: x[0], tasks.support)
+  if hasattr(adapt, "initial"):  # the parameters the loss sees (context() adds a context)
+    params = adapt.initial(params)
   return _loops.choose_task_batching(loss_fn, params, first)
 
 
@@ -117,20 +119,33 @@ def meta_objective(adapt: Callable, loss_fn: Callable, *,
     >>> jax.grad(objective)(jnp.ones((1, 1)), tasks).shape
     (1, 1)
   """
+  def task_loss(params, hyper, task):
+    return loss_fn(adapt(params, task.support, **hyper), task.query)
+
+  return task_mean(task_loss, adapt, loss_fn, learn=learn, task_batching=task_batching,
+                   name="meta_objective")
+
+
+def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn, task_batching,
+              name: str, extra: tuple[str, ...] = ()):
+  """``objective(meta_params, tasks, *extra)``: the mean over tasks of
+  ``task_loss(params, learned_hyperparameters, task, *extra)`` (shared by the meta-objectives);
+  ``extra`` names the further arguments the objective takes."""
   if not callable(adapt) or not callable(loss_fn):
-    raise TypeError("meta_objective(adapt, loss_fn): both must be callable.")
+    raise TypeError(f"{name}(adapt, loss_fn): both must be callable.")
   learned = _learned(adapt, learn)
   if task_batching not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
 
-  def task_loss(params, hyper, task):
-    return loss_fn(adapt(params, task.support, **hyper), task.query)
-
-  def objective(meta_params, tasks: Task):
+  def objective(meta_params, tasks: Task, *args):
+    if len(args) != len(extra):
+      raise TypeError(f"the objective of {name} takes (meta_params, tasks"
+                      + "".join(f", {e}" for e in extra) + f"); got {2 + len(args)} arguments.")
     check_tasks(tasks)
     params, hyper = _split(meta_params, learned)
-    mode = _task_batching(task_batching, loss_fn, params, tasks)
-    return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task), tasks, mode))
+    mode = _task_batching(task_batching, loss_fn, params, tasks, adapt)
+    return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
+                                     mode))
 
   return objective
 
@@ -157,8 +172,13 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching:
     def one(task):
       phi = adapt(params, task.support)
       return loss_fn(phi, task.query), phi
-    mode = _task_batching(task_batching, loss_fn, params, tasks)
+    mode = _task_batching(task_batching, loss_fn, params, tasks, adapt)
     losses, phis = _loops.map_tasks(one, tasks, mode)
+    if jax.tree.structure(phis) != jax.tree.structure(params):
+      raise TypeError("Reptile moves theta toward the adapted parameters, so adapt must return "
+                      f"params' structure {jax.tree.structure(params)}; it returned "
+                      f"{jax.tree.structure(phis)} (context() adapts a context instead: use "
+                      "meta_objective).")
     direction = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), params, phis)
     return jnp.mean(losses), direction
   return value_and_grad

@@ -76,7 +76,10 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
     value_and_grad: ``(meta_params, tasks) -> (loss, grads)`` whose loss and
       gradient are means over the tasks, e.g.
       ``jax.value_and_grad(meta_objective(adapt, loss_fn))`` or
-      :func:`reptile_value_and_grad`.
+      :func:`reptile_value_and_grad`. A function with the attribute
+      ``takes_meta_iteration = True`` (:func:`maml_plus_plus`) is called
+      ``value_and_grad(meta_params, tasks, meta_iteration)`` with the meta-iteration as a
+      traced int32, for schedules evaluated on device.
     optimizer: the outer optax optimizer.
     sample_tasks: a task family, ``sample_tasks(key, num_tasks, *data) -> Task``;
       ``data`` (e.g. class-indexed images for :func:`metajax.tasks.episodes`)
@@ -167,6 +170,7 @@ class _TrainStep:
   def __init__(self, value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
                tasks_per_call, nonfinite):
     self._value_and_grad, self._sample_tasks = value_and_grad, sample_tasks
+    takes_iteration = getattr(value_and_grad, "takes_meta_iteration", False) is True
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
 
     def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
@@ -180,7 +184,8 @@ class _TrainStep:
 
     def group_value_and_grad(meta_params, tasks, step):
       with context(meta_iteration=step):  # inner-solver failures name the meta-iteration
-        out = value_and_grad(meta_params, tasks)
+        out = (value_and_grad(meta_params, tasks, step) if takes_iteration
+               else value_and_grad(meta_params, tasks))
       if not (isinstance(out, tuple) and len(out) == 2 and jnp.ndim(out[0]) == 0):
         raise TypeError("value_and_grad(meta_params, tasks) must return (loss, grads) with a "
                         f"scalar loss, got {type(out).__name__}"
@@ -218,8 +223,10 @@ class _TrainStep:
     if self._per_call != "auto":
       return
     self._per_call = None
+    probe_tasks = min(2, self._batch)  # 2: task interpolation needs a pair of tasks
     if jax.default_backend() == "cpu" and _loops.uses_convolution(
-        lambda p, k, *d: self._value_and_grad(p, self._sample_tasks(k, 1, *d)),
+        lambda p, k, *d: self._group_value_and_grad(p, self._sample_tasks(k, probe_tasks, *d),
+                                                    jnp.int32(0)),
         state.meta_params, key, *data, patches=True):
       self._per_call = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def from_nnx(module) -> tuple[Any, Callable]:
@@ -67,6 +68,39 @@ def from_equinox(module, *, batched: bool = True) -> tuple[Any, Callable]:
     return jax.vmap(model)(x) if batched else model(x)
 
   return params, apply_fn
+
+
+def with_context(apply_fn: Callable) -> Callable:
+  """CAVIA's model: ``apply_fn`` with a context vector concatenated to every input.
+
+  Returns ``apply(p, x) = apply_fn(p['params'], concat([x, context], axis=-1))`` where
+  ``p = {'params': ..., 'context': c}`` (as :func:`metajax.solvers.context` returns) and ``c``
+  (shape ``(d,)``) is broadcast over the leading axes of ``x``: the network's first layer takes
+  ``x.shape[-1] + d`` inputs.
+
+  Example:
+    >>> import jax.numpy as jnp, metajax
+    >>> apply_fn = metajax.models.with_context(lambda w, x: x @ w)
+    >>> p = {'params': jnp.ones((3, 1)), 'context': jnp.array([1.0, 2.0])}
+    >>> apply_fn(p, jnp.zeros((4, 1))).ravel().tolist()
+    [3.0, 3.0, 3.0, 3.0]
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"with_context(apply_fn) takes a callable, got {apply_fn!r}.")
+
+  def apply(p, x, *args, **kwargs):
+    if not (isinstance(p, dict) and set(p) == {"params", "context"}):
+      raise TypeError("with_context's apply takes {'params': ..., 'context': ...} (what "
+                      "metajax.solvers.context returns), got "
+                      f"{sorted(p) if isinstance(p, dict) else type(p).__name__}.")
+    context = jnp.asarray(p["context"])
+    if context.ndim != 1:
+      raise ValueError(f"the context must be a vector (shape (d,)), got shape {context.shape}.")
+    x = jnp.asarray(x)
+    full = jnp.broadcast_to(context.astype(x.dtype), x.shape[:-1] + context.shape)
+    return apply_fn(p["params"], jnp.concatenate([x, full], axis=-1), *args, **kwargs)
+
+  return apply
 
 
 def _describe(obj) -> str:

@@ -11,9 +11,19 @@ from metajax.solvers.adjoint import Adjoint, adjoint
 from metajax.solvers.base import InnerSolver
 from metajax.solvers.implicit import Implicit, LinearSolveInfo, implicit
 from metajax.solvers.unrolled import Unrolled, differentiable_adam, unrolled
+from metajax.solvers.wrappers import (
+    Context,
+    LearnedLoss,
+    Masked,
+    context,
+    learned_loss,
+    masked,
+    path_mask,
+)
 
 __all__ = [
-    "RESULTS", "AdaptInfo", "Adjoint", "Implicit", "InnerSolver", "LinearSolveInfo", "Unrolled",
-    "adjoint", "choose_task_batching", "choose_unroll", "differentiable_adam", "implicit",
-    "inner_optimizers", "linear_solvers", "unrolled", "uses_convolution",
+    "RESULTS", "AdaptInfo", "Adjoint", "Context", "Implicit", "InnerSolver", "LearnedLoss",
+    "LinearSolveInfo", "Masked", "Unrolled", "adjoint", "choose_task_batching", "choose_unroll",
+    "context", "differentiable_adam", "implicit", "inner_optimizers", "learned_loss",
+    "linear_solvers", "masked", "path_mask", "unrolled", "uses_convolution",
 ]

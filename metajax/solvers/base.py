@@ -9,6 +9,7 @@ settings are fixed at construction and whose call takes only arrays, so ``jax.ji
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Any, Callable
 
 import jax
@@ -41,6 +42,31 @@ class InnerSolver(abc.ABC):
     if not isinstance(throw, bool):
       raise TypeError(f"throw must be True or False, got {throw!r}.")
     self.loss_fn, self.throw = loss_fn, throw
+    self._bind_loss()
+
+  def _bind_loss(self) -> None:  # noqa: B027 (a hook: most solvers derive nothing)
+    """Recomputes whatever the solver derives from ``self.loss_fn`` (e.g. its gradient)."""
+
+  def with_loss(self, loss_fn: Callable) -> InnerSolver:
+    """This solver, with every setting kept, on another inner loss.
+
+    The wrappers of :mod:`metajax.solvers` (:func:`~metajax.solvers.masked`,
+    :func:`~metajax.solvers.context`, :func:`~metajax.solvers.learned_loss`) use it to bind,
+    per call, a loss that closes over traced meta-parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, metajax
+      >>> adapt = metajax.solvers.unrolled(lambda p, b: jnp.sum((p - b) ** 2), steps=1,
+      ...                                  step_size=0.25)
+      >>> halved = adapt.with_loss(lambda p, b: 0.5 * jnp.sum((p - b) ** 2))
+      >>> float(halved(jnp.zeros(()), jnp.ones(())))
+      0.25
+    """
+    _common.check_callable("loss_fn", loss_fn)
+    new = copy.copy(self)
+    new.loss_fn = loss_fn
+    new._bind_loss()
+    return new
 
   def __call__(self, params: PyTree, support: PyTree, **hyperparameters) -> PyTree:
     """The adapted parameters (same structure as ``params``)."""

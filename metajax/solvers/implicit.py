@@ -73,7 +73,9 @@ class Implicit(InnerSolver):
       raise TypeError("linear_solver must be a metajax.solvers.linear_solvers solver "
                       f"(cg(), gmres(), neumann(), ...), got {self.linear_solver!r}.")
     self._minimize = inner_optimizers.minimize(self.optimizer, steps=max_steps, tol=tol)
-    self._grad = jax.grad(loss_fn)
+
+  def _bind_loss(self):
+    self._grad = jax.grad(self.loss_fn)
 
   # -- pieces -------------------------------------------------------------------------------
   def _reg(self, params, reg):

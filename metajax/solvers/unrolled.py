@@ -16,19 +16,32 @@ PyTree = Any
 DEFAULT_STEP_SIZE = 0.01
 
 
-def _step_size_tree(step_size, params: PyTree, dtype) -> PyTree:
-  """Broadcasts a scalar step size, or checks a per-parameter (Meta-SGD) one."""
+def _step_size_tree(step_size, params: PyTree, dtype, steps: int | None = None) -> PyTree:
+  """Broadcasts a scalar step size, or checks a per-parameter (Meta-SGD) one.
+
+  With ``steps`` (``per_step=True``) every leaf has a leading axis of length ``steps``: a
+  ``(steps,)`` array for the whole tree, or per leaf ``(steps,)`` (MAML++'s per-layer, per-step
+  rates) or ``(steps, *param.shape)``.
+  """
+  lead = () if steps is None else (steps,)
+  what = "a per-parameter step size" if steps is None else "a per-step step size (per_step=True)"
   if jax.tree.structure(step_size) == jax.tree.structure(params):
     def check(path, a, p):
       a = jnp.asarray(a)
-      if a.shape not in ((), p.shape):
+      if a.shape not in (lead, lead + p.shape):
         raise ValueError(
-            f"step_size{jax.tree_util.keystr(path)} has shape {a.shape}; a per-parameter "
-            f"step size must be a scalar or match the parameter's shape {p.shape}.")
+            f"step_size{jax.tree_util.keystr(path)} has shape {a.shape}; {what} must have "
+            f"shape {lead} or {lead + p.shape} (the parameter's shape {p.shape}).")
       return a.astype(p.dtype)
     return jax.tree_util.tree_map_with_path(check, step_size, params)
   if len(jax.tree.leaves(step_size)) == 1 and not isinstance(step_size, (dict, list, tuple)):
-    a = _common.as_scalar("step_size", step_size, dtype)
+    if steps is None:
+      a = _common.as_scalar("step_size", step_size, dtype)
+    else:
+      a = jnp.asarray(step_size)
+      if a.shape != lead:
+        raise ValueError(f"step_size has shape {a.shape}; with per_step=True one rate per inner "
+                         f"step needs shape {lead} (steps={steps}), or a pytree like params.")
     return jax.tree.map(lambda p: a.astype(p.dtype), params)
   raise ValueError(
       "step_size must be a scalar or a pytree with the same structure as params "
@@ -36,11 +49,13 @@ def _step_size_tree(step_size, params: PyTree, dtype) -> PyTree:
       f"{jax.tree.structure(params)}.")
 
 
-def _check_step_size(step_size) -> None:
-  """A scalar step size must be finite and >= 0; a per-parameter tree (Meta-SGD) only finite:
-  Meta-SGD's learned rates set direction as well as size and may be negative (Li et al. 2017)."""
+def _check_step_size(step_size, per_step: bool = False) -> None:
+  """A scalar step size (or, with ``per_step``, a ``(steps,)`` array of them) must be finite and
+  >= 0; a per-parameter tree (Meta-SGD, MAML++'s per-layer rates) only finite: Meta-SGD's
+  learned rates set direction as well as size and may be negative (Li et al. 2017)."""
   per_parameter = isinstance(step_size, (dict, list, tuple)) or (
-      len(jax.tree.leaves(step_size)) == 1 and jnp.ndim(jax.tree.leaves(step_size)[0]) > 0)
+      len(jax.tree.leaves(step_size)) == 1
+      and jnp.ndim(jax.tree.leaves(step_size)[0]) > int(per_step))
   _common.check_hyperparameter("step_size", step_size, strict=False, signed=per_parameter)
 
 
@@ -50,7 +65,7 @@ class Unrolled(InnerSolver):
   name = "unrolled"
 
   def __init__(self, loss_fn, *, steps, step_size, optimizer, first_order, remat, unroll,
-               step_aware, throw):
+               step_aware, per_step, throw):
     super().__init__(loss_fn, throw=throw)
     self.steps = _common.check_positive_int("steps", steps)
     if optimizer is not None and step_size is not None:
@@ -60,40 +75,70 @@ class Unrolled(InnerSolver):
     if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
       raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
     for flag, value in (("first_order", first_order), ("remat", remat),
-                        ("step_aware", step_aware)):
+                        ("step_aware", step_aware), ("per_step", per_step)):
       if not isinstance(value, bool):
         raise TypeError(f"{flag} must be True or False, got {value!r}.")
     if not (unroll == "auto" or unroll is True or (
         isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
       raise ValueError(f"unroll must be 'auto', True, or an int >= 1; got {unroll!r}.")
+    if per_step and optimizer is not None:
+      raise ValueError("per_step=True gives plain gradient descent one step size per inner "
+                       "step; with optimizer= use an optax schedule instead.")
+    if per_step and step_size is None:
+      step_size = jnp.full((self.steps,), DEFAULT_STEP_SIZE)
+    self.per_step = per_step
     self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
     if self.step_size is not None:
-      _check_step_size(self.step_size)
+      _check_step_size(self.step_size, per_step)
+      if per_step and not isinstance(self.step_size, (dict, list, tuple)):
+        _step_size_tree(self.step_size, jnp.zeros(()), jnp.float32, self.steps)
     self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
     self.unroll, self.step_aware = unroll, step_aware
     self.hyperparameters = () if optimizer is not None else ("step_size",)
-    self._value_and_grad = jax.value_and_grad(loss_fn)
+
+  def _bind_loss(self):
+    self._value_and_grad = jax.value_and_grad(self.loss_fn)
 
   def _loss_args(self, k):
     return (k,) if self.step_aware else ()
 
   def _check_inputs(self, params, support):
     if self.step_aware:  # loss_fn takes the step index: check it with step 0
-      probe = Unrolled.__new__(Unrolled)
-      probe.__dict__.update(self.__dict__, loss_fn=lambda p, b: self.loss_fn(p, b, 0),
-                            step_aware=False)
-      return InnerSolver._check_inputs(probe, params, support)
+      probe = self.with_loss(lambda p, b: self.loss_fn(p, b, 0))
+      probe.step_aware = False
+      return probe._check_inputs(params, support)
     return super()._check_inputs(params, support)
 
+  def trajectory(self, params: PyTree, support: PyTree, **hyperparameters) -> PyTree:
+    """The parameters after each inner step, stacked: every leaf gains a leading axis of length
+    ``steps`` (entry ``k`` is the result of step ``k + 1``; the last entry is ``adapt(...)``).
+
+    Checked and differentiable like the call (MAML++'s multi-step loss,
+    :func:`metajax.meta.multi_step_objective`, uses it).
+
+    Example:
+      >>> import jax.numpy as jnp, metajax
+      >>> adapt = metajax.solvers.unrolled(lambda p, b: 0.5 * jnp.sum((p - b) ** 2), steps=2,
+      ...                                  step_size=0.5)
+      >>> adapt.trajectory(jnp.zeros(()), jnp.ones(())).tolist()
+      [0.5, 0.75]
+    """
+    self._check_hyperparameter_names(hyperparameters)
+    self._check_inputs(params, support)
+    return self._run(params, support, trajectory=True, **hyperparameters)[2]
+
   def _solve(self, params, support, *, step_size=None):
+    return self._run(params, support, step_size=step_size)[:2]
+
+  def _run(self, params, support, *, step_size=None, trajectory=False):
     dtype = _common.params_dtype(params)
     rates = None
     if self.optimizer is None:
       if step_size is None:
         step_size = self.step_size
       else:
-        _check_step_size(step_size)
-      rates = _step_size_tree(step_size, params, dtype)
+        _check_step_size(step_size, self.per_step)
+      rates = _step_size_tree(step_size, params, dtype, self.steps if self.per_step else None)
 
     def step(carry):
       phi, opt_state, k = carry
@@ -101,11 +146,12 @@ class Unrolled(InnerSolver):
       if self.first_order:
         grads = jax.lax.stop_gradient(grads)
       if self.optimizer is None:
-        phi = jax.tree.map(lambda p, g, a: p - a * g, phi, grads, rates)
+        rates_k = jax.tree.map(lambda a: a[k], rates) if self.per_step else rates
+        phi = jax.tree.map(lambda p, g, a: p - a * g, phi, grads, rates_k)
       else:
         updates, opt_state = self.optimizer.update(grads, opt_state, phi)
         phi = optax.apply_updates(phi, updates)
-      return (phi, opt_state, k + 1), loss
+      return (phi, opt_state, k + 1), (loss, phi if trajectory else None)
 
     if self.remat:
       step = jax.checkpoint(step)
@@ -113,7 +159,7 @@ class Unrolled(InnerSolver):
     probe = (lambda p, b: self.loss_fn(p, b, 0)) if self.step_aware else self.loss_fn
     n_unroll = _loops.resolve_unroll(self.unroll, self.steps, probe, params, support)
     carry = (params, opt_state, jnp.zeros((), jnp.int32))
-    (phi, _, k), losses = _loops.repeat(step, carry, self.steps, n_unroll)
+    (phi, _, k), (losses, path) = _loops.repeat(step, carry, self.steps, n_unroll)
 
     finite_losses = jnp.isfinite(losses)
     finite = jnp.all(finite_losses) & jnp.isfinite(_common.tree_vdot(phi, phi))
@@ -131,10 +177,12 @@ class Unrolled(InnerSolver):
       if rates is not None:
         values["step_size"] = _common.worst(rates)
       phi = error_if(phi, result, "metajax unrolled solver, inner stage", **values)
+      if trajectory:
+        path = error_if(path, result, "metajax unrolled solver, inner stage", **values)
     final_loss, grads = self._value_and_grad(phi, support, *self._loss_args(k))
     info = AdaptInfo(result=result, steps=k, residual=_common.tree_norm(grads), loss=final_loss,
                      stats={"losses": losses})
-    return phi, info
+    return phi, info, path
 
 
 def unrolled(
@@ -147,6 +195,7 @@ def unrolled(
     remat: bool = False,
     unroll: int | bool | str = "auto",
     step_aware: bool = False,
+    per_step: bool = False,
     throw: bool = True,
 ) -> Unrolled:
   """K inner steps, differentiated by backpropagation through the loop (MAML).
@@ -177,6 +226,12 @@ def unrolled(
     step_aware: call ``loss_fn(params, batch, step)`` with the inner step
       index ``0..K-1`` (an int32 scalar), e.g. for MAML++'s per-step batch norm
       with :func:`metajax.models.select_step`.
+    per_step: one step size per inner step (MAML++'s LSLR): ``step_size`` gains a leading
+      axis of length ``steps`` and step ``k`` uses entry ``k``. A ``(steps,)`` array sets one
+      rate per step for every parameter; a pytree like ``params`` with leaves of shape
+      ``(steps,)`` sets per-layer, per-step rates (learn them with
+      ``meta_objective(..., learn=("step_size",))``); leaves of shape ``(steps, *p.shape)``
+      per-parameter, per-step rates. Default ``0.01`` at every step.
     throw: raise when the support loss or the adapted parameters become non-finite (or a
       traced step size is negative or NaN), naming the inner step, the task and the loss
       reached; ``False`` reports it in ``AdaptInfo.result`` instead.
@@ -201,7 +256,7 @@ def unrolled(
   """
   return Unrolled(loss_fn, steps=steps, step_size=step_size, optimizer=optimizer,
                   first_order=first_order, remat=remat, unroll=unroll, step_aware=step_aware,
-                  throw=throw)
+                  per_step=per_step, throw=throw)
 
 
 def differentiable_adam(learning_rate, **kwargs) -> optax.GradientTransformation:

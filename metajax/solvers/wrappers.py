@@ -1,0 +1,281 @@
+"""Wrappers that change *what* an inner solver adapts, for every solver.
+
+- :func:`masked`: adapt a subset of the parameters (ANIL adapts the head, BOIL the body); the
+  rest stays a meta-parameter and still receives its meta-gradient through the adapted part.
+- :func:`context`: adapt a context vector fed to the network from zero on every task, the
+  network weights being meta-parameters only (CAVIA).
+- :func:`learned_loss`: an inner loss with meta-learned parameters of its own (ML3-style
+  learned losses, learned regularizers), passed at call time as ``loss_params``.
+
+Each binds, per call, a loss that closes over the (traced) values it holds fixed
+(:meth:`InnerSolver.with_loss`); every solver differentiates through such closures.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from metajax.solvers import _common
+from metajax.solvers.base import InnerSolver
+
+PyTree = Any
+
+
+class _Wrapper(InnerSolver):
+  """An inner solver that runs ``solver`` on another problem."""
+
+  def __init__(self, solver: InnerSolver, kind: str):
+    if not isinstance(solver, InnerSolver):
+      raise TypeError(f"{kind}(solver, ...) wraps a metajax inner solver (unrolled(...), "
+                      f"implicit(...), adjoint(...)), got {solver!r}.")
+    self.solver, self.name = solver, f"{kind}({solver.name})"
+    self.loss_fn, self.throw = solver.loss_fn, solver.throw
+    self.hyperparameters = solver.hyperparameters
+
+  def _bind_loss(self) -> None:
+    self.solver = self.solver.with_loss(self.loss_fn)
+
+  def __repr__(self) -> str:
+    return f"metajax.solvers.{self.name.split('(')[0]}({self.solver!r})"
+
+
+# -- partial adaptation -------------------------------------------------------------------------
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTree]:
+  """A mask for :func:`masked`: the leaves whose path matches the regular expression ``pattern``.
+
+  Paths are written ``"Dense_2/kernel"`` (dict keys, attribute names and indices joined by
+  ``/``) and matched with :func:`re.search`.
+
+  Args:
+    pattern: a regular expression.
+    invert: select the leaves that do *not* match (e.g. BOIL: everything but the head).
+
+  Returns:
+    ``mask(params) -> pytree of bools``; it raises ``ValueError`` listing the paths when no
+    leaf (or, with ``invert``, every leaf) matches.
+
+  Example:
+    >>> import jax.numpy as jnp, metajax
+    >>> params = {'body': jnp.ones(2), 'head': jnp.ones(3)}
+    >>> metajax.solvers.path_mask('head')(params)
+    {'body': False, 'head': True}
+  """
+  if not isinstance(pattern, str):
+    raise TypeError(f"pattern must be a regular expression string, got {pattern!r}.")
+  try:
+    regex = re.compile(pattern)
+  except re.error as err:
+    raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}.") from err
+  if not isinstance(invert, bool):
+    raise TypeError(f"invert must be True or False, got {invert!r}.")
+
+  def mask(params):
+    names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    hits = [bool(regex.search(n)) != invert for n in names]
+    if not any(hits):
+      raise ValueError(f"path_mask({pattern!r}{', invert=True' if invert else ''}) selects no "
+                       f"parameter; the parameter paths are {names}.")
+    return jax.tree.unflatten(jax.tree.structure(params), hits)
+
+  return mask
+
+
+class Masked(_Wrapper):
+  """Adapts the leaves of ``params`` where ``mask`` is True (see :func:`masked`)."""
+
+  def __init__(self, solver, mask):
+    super().__init__(solver, "masked")
+    if not callable(mask) and not jax.tree.leaves(mask):
+      raise ValueError("mask is empty: pass a pytree of bools like params (True: adapt) or a "
+                       "function params -> such a pytree.")
+    self.mask = mask
+
+  def resolve_mask(self, params: PyTree) -> PyTree:
+    """``mask`` as a pytree of Python bools with exactly the structure of ``params``."""
+    mask = self.mask(params) if callable(self.mask) else self.mask
+    try:  # a prefix of params' structure broadcasts (optax.masked's convention)
+      full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
+    except ValueError as err:
+      raise ValueError(f"mask has structure {jax.tree.structure(mask)}, which is neither the "
+                       f"structure of params {jax.tree.structure(params)} nor a prefix of "
+                       "it.") from err
+    for path, m in jax.tree_util.tree_leaves_with_path(full):
+      if not isinstance(m, (bool, jnp.bool_)):
+        raise TypeError(f"mask{jax.tree_util.keystr(path)} is {m!r}; mask leaves must be Python "
+                        "bools (True: adapt), fixed when the program is traced.")
+    if not any(jax.tree.leaves(full)):
+      raise ValueError("mask selects no parameter: nothing would be adapted.")
+    return full
+
+  def split(self, params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """``(adapted, merge)``: the masked leaves (``None`` elsewhere) and the inverse of the split."""
+    mask = self.resolve_mask(params)
+    adapted = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    merge = lambda sub: jax.tree.map(lambda m, p, a: a if m else p, mask, params, sub)
+    return adapted, merge
+
+  def _check_inputs(self, params, support):  # the sub-problem is checked by solver.solve
+    _common.params_dtype(params)
+    self.resolve_mask(params)
+
+  def _solve(self, params, support, **hyperparameters):
+    adapted, merge = self.split(params)
+    structure = jax.tree.structure(params)
+    hyperparameters = {  # per-parameter hyperparameters (Meta-SGD rates) are masked alike
+        name: (self.split(value)[0] if name != "loss_params"
+               and jax.tree.structure(value) == structure else value)
+        for name, value in hyperparameters.items()}
+    inner = self.solver.with_loss(lambda sub, batch, *step: self.loss_fn(merge(sub), batch,
+                                                                         *step))
+    phi, info = inner.solve(adapted, support, **hyperparameters)
+    return merge(phi), info
+
+
+def masked(solver: InnerSolver, mask) -> Masked:
+  """Adapt only part of the parameters: ANIL (the head), BOIL (the body), any subset.
+
+  The inner problem is ``solver``'s on the masked leaves, the others held at their
+  meta-parameter values; the adapted parameters hold the unmasked leaves unchanged. The unmasked
+  leaves still receive a meta-gradient: directly through the query loss and, through the
+  adapted leaves, as values the inner loss depends on (backpropagation for ``unrolled``, the
+  implicit function theorem for ``implicit``, the adjoint ODE for ``adjoint``).
+
+  Args:
+    solver: any inner solver, built with a ``loss_fn`` on the *full* parameters.
+    mask: a pytree of bools with the structure of ``params`` (or a prefix of it; ``True``:
+      adapt), or a function ``params -> such a pytree`` such as :func:`path_mask`.
+
+  Returns:
+    An :class:`~metajax.solvers.InnerSolver` taking ``solver``'s call-time hyperparameters; a
+    per-parameter one (Meta-SGD's ``step_size`` tree) is given for the full ``params`` and
+    masked the same way. With ``implicit`` the proximal term covers the adapted leaves only.
+
+  Raises:
+    TypeError, ValueError: at call time, when the mask's structure does not fit ``params``,
+      a leaf is not a bool, or it selects nothing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> loss = lambda p, b: jnp.mean((b[0] @ p['body'] @ p['head'] - b[1]) ** 2)
+    >>> anil = metajax.solvers.masked(metajax.solvers.unrolled(loss, steps=2, step_size=0.1),
+    ...                               {'body': False, 'head': True})
+    >>> params = {'body': jnp.eye(2), 'head': jnp.zeros(2)}
+    >>> phi = anil(params, (jnp.ones((3, 2)), jnp.ones(3)))
+    >>> bool((phi['body'] == params['body']).all()), bool((phi['head'] != 0).all())
+    (True, True)
+  """
+  return Masked(solver, mask)
+
+
+# -- CAVIA ----------------------------------------------------------------------------------------
+class Context(_Wrapper):
+  """Adapts a context vector from zero, the network weights fixed (see :func:`context`)."""
+
+  def __init__(self, solver, shape):
+    super().__init__(solver, "context")
+    if isinstance(shape, int) and not isinstance(shape, bool):
+      shape = (shape,)
+    if not (isinstance(shape, tuple) and shape and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+      raise ValueError(f"context shape must be a positive int or a tuple of them, got {shape!r}.")
+    self.shape = shape
+    self._masked = Masked(solver, {"params": False, "context": True})
+
+  def _bind_loss(self) -> None:
+    super()._bind_loss()
+    self._masked = Masked(self.solver, self._masked.mask)
+
+  def initial(self, params: PyTree) -> PyTree:
+    """``{'params': params, 'context': zeros(shape)}``: where every task's adaptation starts."""
+    dtype = _common.params_dtype(params)
+    return {"params": params, "context": jnp.zeros(self.shape, dtype)}
+
+  def _check_inputs(self, params, support):
+    self._masked._check_inputs(self.initial(params), support)
+
+  def _solve(self, params, support, **hyperparameters):
+    if any(jax.tree.structure(v) == jax.tree.structure(params)
+           for v in hyperparameters.values()):
+      raise ValueError("context adapts only the context vector: a per-parameter hyperparameter "
+                       "would be given for the context's shape, not for params.")
+    return self._masked._solve(self.initial(params), support, **hyperparameters)
+
+
+def context(solver: InnerSolver, shape: int | tuple[int, ...]) -> Context:
+  """CAVIA: adapt a task's context vector, starting from zero; the network is meta-learned only.
+
+  ``adapt = context(solver, shape)`` is called with the network's parameters ``theta`` and
+  returns ``{'params': theta, 'context': c}``, where ``c`` is ``solver``'s adaptation of a
+  context started at ``zeros(shape)`` on the support loss with ``theta`` held fixed. ``solver``'s
+  ``loss_fn`` (and the query loss of :func:`~metajax.meta.meta_objective`) take that dict, e.g.
+  through :func:`metajax.models.with_context`, which feeds the context to the network's input.
+  ``theta`` receives its meta-gradient through the query loss and through ``c``. Reptile does not
+  apply (the adapted value has another structure than ``theta``).
+
+  Args:
+    solver: any inner solver, built with a ``loss_fn`` on ``{'params': ..., 'context': ...}``.
+    shape: the context's shape (CAVIA's regression uses 4, its classification 100).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> apply_fn = metajax.models.with_context(lambda w, x: x @ w)
+    >>> loss = metajax.meta.mse_loss(apply_fn)
+    >>> adapt = metajax.solvers.context(metajax.solvers.unrolled(loss, steps=1, step_size=0.5),
+    ...                                 shape=1)
+    >>> phi = adapt(jnp.ones((2, 1)), (jnp.zeros((4, 1)), jnp.ones((4, 1))))
+    >>> phi['context'].tolist()
+    [1.0]
+  """
+  return Context(solver, shape)
+
+
+# -- learned inner losses -------------------------------------------------------------------------
+class LearnedLoss(_Wrapper):
+  """Runs ``solver`` on ``loss_fn(params, batch, loss_params)`` (see :func:`learned_loss`)."""
+
+  def __init__(self, solver):
+    super().__init__(solver, "learned_loss")
+    self.hyperparameters = tuple(solver.hyperparameters) + ("loss_params",)
+
+  def _check_inputs(self, params, support):
+    """Checked by the bound solver, once ``loss_params`` is known."""
+
+  def _solve(self, params, support, *, loss_params=None, **hyperparameters):
+    if loss_params is None:
+      raise TypeError("learned_loss: pass loss_params= at call time (the inner loss's "
+                      "parameters), or meta_objective(..., learn=('loss_params',)) with "
+                      "meta_params={'params': ..., 'loss_params': ...}.")
+    inner = self.solver.with_loss(
+        lambda p, batch, *step: self.loss_fn(p, batch, loss_params, *step))
+    return inner.solve(params, support, **hyperparameters)
+
+
+def learned_loss(solver: InnerSolver) -> LearnedLoss:
+  """An inner loss with meta-learned parameters (ML3, learned regularizers, procedural biases).
+
+  ``solver`` is built with ``loss_fn(params, batch, loss_params)`` (with ``step_aware``:
+  ``loss_fn(params, batch, loss_params, step)``); the wrapped solver takes ``loss_params`` as a
+  call-time hyperparameter, any pytree, so ``meta_objective(adapt, query_loss,
+  learn=("loss_params",))`` meta-learns it from ``meta_params = {'params': theta,
+  'loss_params': psi}``. Works with every solver: ``unrolled`` backpropagates through the
+  steps; ``implicit`` solves ``argmin loss(phi; psi) + reg/2 ||phi - theta||^2`` and gets
+  ``d phi / d psi`` from the implicit function theorem; ``adjoint`` from the adjoint ODE.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metajax
+    >>> inner = lambda p, b, psi: jnp.mean((b[0] * p - b[1]) ** 2) + psi * p ** 2
+    >>> adapt = metajax.solvers.learned_loss(metajax.solvers.unrolled(inner, steps=1,
+    ...                                                                step_size=0.1))
+    >>> support = (jnp.ones(3), jnp.ones(3))
+    >>> round(float(jax.grad(lambda psi: adapt(jnp.array(1.0), support, loss_params=psi))(0.0)), 4)
+    -0.2
+  """
+  return LearnedLoss(solver)
