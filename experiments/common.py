@@ -80,8 +80,8 @@ def check_chunk(parser, args) -> None:
   args.chunk = chunk
 
 
-def add_solver_flags(parser, *, inner_steps: int, inner_lr: float) -> None:
-  parser.add_argument("--solver", choices=SOLVERS, default="maml")
+def add_solver_flags(parser, *, inner_steps: int, inner_lr: float, solvers=SOLVERS) -> None:
+  parser.add_argument("--solver", choices=solvers, default="maml")
   parser.add_argument("--inner-steps", type=int, default=inner_steps)
   parser.add_argument("--inner-lr", type=float, default=inner_lr)
   parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")

@@ -18,6 +18,9 @@ same run. ``checkpoints/run.json`` records the flags that define the run
 into the same ``--out`` is refused, as is a checkpoint that is unreadable or
 does not match the model. Metrics go to ``metrics.jsonl``; plots to ``training.png``.
 
+Solvers also include the second-wave methods of ``experiments/recipes.py`` (``anil``, ``boil``,
+``mamlpp``, ``cavia``, ``ml3``) and ``--mlti ALPHA`` trains any of them on task interpolations.
+
 Run: ``python experiments/fewshot.py [--config digits] [--solver maml] [--shots 1] [--baseline]``.
 Omniglot: ``--config omniglot-5way --data-dir DIR`` (see metajax.data.omniglot for the files).
 """
@@ -37,6 +40,16 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import recipes  # noqa: E402
+from checkpoints import (  # noqa: E402, F401  (the checkpoint API, also used as fewshot.*)
+    RUN_FLAGS,
+    CheckpointError,
+    check_run,
+    checkpoint_manager,
+    restore_latest,
+    resume,
+    save,
+)
 
 import metajax  # noqa: E402
 
@@ -79,16 +92,12 @@ CONFIGS = {
 }
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint directory this run cannot resume from; the message says what to do."""
-
-
 def parse_args(argv=None):
   """Parsed and checked flags; ``--iterations`` and ``--meta-batch`` default to the config's."""
   p = argparse.ArgumentParser(prog=os.path.basename(__file__),
                               description=__doc__.splitlines()[0])
   p.add_argument("--config", choices=sorted(CONFIGS), default="digits")
-  p.add_argument("--solver", choices=common.SOLVERS, default="maml")
+  p.add_argument("--solver", choices=recipes.SOLVERS, default="maml")
   p.add_argument("--shots", type=int, default=1)
   p.add_argument("--iterations", type=int, default=None, help="default: the config's")
   p.add_argument("--meta-batch", type=int, default=None, help="default: the config's")
@@ -102,7 +111,9 @@ def parse_args(argv=None):
   p.add_argument("--data-dir", default=None, help="Omniglot zips / miniImageNet root")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="default: runs/<config>-<solver>-<shots>shot")
+  recipes.add_method_flags(p)
   args = p.parse_args(argv)
+  recipes.check_method_flags(p, args)
   common.check_flags(p, args, positive_int=("--shots", "--iterations", "--meta-batch", "--chunk",
                                             "--checkpoint-every"),
                      int_range={"--eval-tasks": (2, None), "--seed": common.SEED_RANGE})
@@ -146,13 +157,16 @@ def check_data(args, config: Config, data) -> None:
 
 
 def solver_args(args, config: Config):
-  """The flags common.make_adapt reads, filled from the config."""
+  """The flags common.make_adapt and recipes.build read, filled from the config. MAML++ trains
+  with the test-time number of steps (as its paper does)."""
   imaml = args.solver == "imaml"
+  steps = {"imaml": config.imaml_inner_steps, "mamlpp": config.test_steps}.get(
+      args.solver, config.inner_steps)
   return argparse.Namespace(
-      solver=args.solver, reg=2.0, cg_steps=5, cg_ridge=1.0, t1=None,
-      inner_steps=config.imaml_inner_steps if imaml else config.inner_steps,
+      solver=args.solver, reg=2.0, cg_steps=5, cg_ridge=1.0, t1=None, inner_steps=steps,
       inner_lr=config.imaml_inner_lr if imaml else config.inner_lr,
-      meta_lr=config.meta_lr)
+      meta_lr=config.meta_lr, iterations=getattr(args, "iterations", config.iterations),
+      context_size=getattr(args, "context_size", 4), context_lr=getattr(args, "context_lr", 1.0))
 
 
 def make_model(config: Config, num_classes: int, key, image_shape):
@@ -194,148 +208,6 @@ def eval_chunk(config: Config) -> int:
   return max(1, 48 // config.test_steps)
 
 
-RUN_FLAGS = ("config", "solver", "shots", "meta_batch", "seed")  # what makes a run the same run
-
-
-def checkpoint_manager(directory):
-  """An orbax ``CheckpointManager`` for ``directory``, or None when orbax is not installed."""
-  try:
-    import orbax.checkpoint as ocp
-  except ImportError:
-    print("orbax-checkpoint not installed: no checkpoints", file=sys.stderr)
-    return None
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise CheckpointError(f"{directory} is a file, not a checkpoint directory; delete it, or "
-                          "pass another --out.")
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-
-def _cause(err: Exception) -> str:
-  """``Type: message``, cut to its first line and 200 characters (tensorstore's run long)."""
-  text = (str(err).splitlines() or [""])[0]
-  return f"{type(err).__name__}: {text[:200]}{' ...' if len(text) > 200 else ''}"
-
-
-def _fresh(directory) -> str:
-  return f"delete {directory} to start afresh, or pass another --out"
-
-
-def check_run(directory, args, *, resuming: bool) -> None:
-  """Records :data:`RUN_FLAGS` in ``directory/run.json``; when resuming they must be unchanged."""
-  path = os.path.join(directory, "run.json")
-  run = {name: getattr(args, name) for name in RUN_FLAGS}
-  if resuming and os.path.exists(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-    except (OSError, ValueError) as err:
-      raise CheckpointError(f"{path} is unreadable ({err}); {_fresh(directory)}.") from err
-    changed = [f"--{name.replace('_', '-')} {run[name]} (checkpoints: {saved[name]})"
-               for name in RUN_FLAGS if name in saved and saved[name] != run[name]]
-    if changed:
-      raise CheckpointError(f"the checkpoints in {directory} belong to another run: "
-                            f"{', '.join(changed)}; rerun with the checkpoints' flags, or "
-                            f"{_fresh(directory)}.")
-    return
-  os.makedirs(directory, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(run, f)
-
-
-def _leaf_shapes(tree) -> dict[str, tuple | None]:
-  """``{'meta_params.Dense_0.kernel': shape, ...}`` for a pytree or an orbax metadata tree."""
-  def name(path):
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {name(path): getattr(leaf, "shape", None) for path, leaf in leaves}
-
-
-def _mismatch(saved: dict, wanted: dict) -> str:
-  """How the checkpoint's leaves ``saved`` differ from the state's ``wanted`` ('' if not)."""
-  few = lambda names: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
-                                             else "")
-  parts = []
-  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
-  if missing:
-    parts.append(f"it lacks {few(missing)}")
-  if extra:
-    parts.append(f"it has {few(extra)}, which this run does not")
-  parts += [f"{n} has shape {tuple(saved[n])} in it, {tuple(wanted[n])} here"
-            for n in sorted(wanted) if n in saved and None not in (saved[n], wanted[n])
-            and tuple(saved[n]) != tuple(wanted[n])][:3]
-  return "; ".join(parts)
-
-
-def restore_latest(manager, state):
-  """``state`` restored from the latest checkpoint of ``manager`` (as is if there is none).
-
-  Raises:
-    CheckpointError: the checkpoint does not match ``state`` (another ``--solver``, ``--config``
-      or model wrote it), or it cannot be read (incomplete or corrupt); the message names the
-      checkpoint and what to do.
-  """
-  if manager is None or manager.latest_step() is None:
-    return state
-  import orbax.checkpoint as ocp
-  directory, step = str(manager.directory), manager.latest_step()
-  where = os.path.join(directory, str(step))
-  corrupt = (f"it is incomplete or corrupt; {_fresh(directory)} (deleting {where} alone "
-             "resumes from the previous checkpoint, if any)")
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(os.path.join(where, "default"))
-  except Exception as err:  # whatever orbax raises on a damaged checkpoint
-    raise CheckpointError(f"cannot restore the checkpoint {where} ({_cause(err)}); "
-                          f"{corrupt}.") from err
-  tree = getattr(metadata, "item_metadata", None)  # None: unreadable here; restore will tell
-  mismatch = tree is not None and _mismatch(_leaf_shapes(getattr(tree, "tree", tree)),
-                                            _leaf_shapes(state))
-  if mismatch:
-    raise CheckpointError(f"the checkpoint {where} does not match this run's training state "
-                          f"({mismatch}): it was written with another --solver, --config or "
-                          f"model; {_fresh(directory)}.")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as err:
-    raise CheckpointError(f"cannot restore the checkpoint {where} ({_cause(err)}); "
-                          f"{corrupt}.") from err
-
-
-def resume(manager, state, args):
-  """Checks the run's flags against the checkpoints, restores the latest, checks what is left.
-
-  Raises:
-    CheckpointError: see :func:`check_run` and :func:`restore_latest`; also a checkpoint past
-      ``--iterations``, or remaining iterations that ``--chunk`` does not divide.
-  """
-  if manager is None:
-    return state
-  directory = str(manager.directory)
-  check_run(directory, args, resuming=manager.latest_step() is not None)
-  state = restore_latest(manager, state)
-  step = int(state.step)
-  if step > args.iterations:
-    raise CheckpointError(f"the checkpoint in {directory} is at iteration {step}, past "
-                          f"--iterations {args.iterations}; pass --iterations {step} or more to "
-                          f"continue it, or {_fresh(directory)}.")
-  if (args.iterations - step) % args.chunk:
-    raise CheckpointError(f"the checkpoint in {directory} is at iteration {step}: --chunk "
-                          f"{args.chunk} does not divide the {args.iterations - step} iterations "
-                          f"left to --iterations {args.iterations}; pass a --chunk that does.")
-  return state
-
-
-def save(manager, state):
-  if manager is not None:
-    import orbax.checkpoint as ocp
-    manager.save(int(state.step), args=ocp.args.StandardSave(state))
-
-
 def make_finetune(args, config: Config, adapt, loss_fn, meta_params, learn):
   """The test-time adaptation and the initialization it starts from: ``(finetune, theta)``.
 
@@ -367,17 +239,22 @@ def main(argv=None):
   image_shape = train_images.shape[2:]
   key_init, key_train, key_eval, key_base = jax.random.split(jax.random.key(args.seed), 4)
 
-  params, apply_fn = make_model(config, config.ways, key_init, image_shape)
-  loss_fn = metajax.meta.cross_entropy_loss(apply_fn)
   sargs = solver_args(args, config)
-  adapt, learn = common.make_adapt(sargs, loss_fn)
+  height, width, channels = image_shape  # cavia: the context enters as constant extra channels
+  recipe = recipes.build(
+      sargs, lambda extra: make_model(config, config.ways, key_init,
+                                      (height, width, channels + extra)),
+      metajax.meta.cross_entropy_loss, jax.random.fold_in(key_init, 1), outputs=config.ways,
+      classification=True)
+  adapt, learn, loss_fn, apply_fn = recipe.adapt, recipe.learn, recipe.loss_fn, recipe.apply_fn
   optimizer = common.outer_optimizer(sargs)
   sample = metajax.tasks.episodes(ways=config.ways, shots=args.shots, queries=config.queries,
                                   rotations=config.rotations)
-  train_step = metajax.meta.make_train_step(
-      common.value_and_grad_for(sargs, adapt, loss_fn, learn), optimizer, sample,
-      meta_batch_size=meta_batch, iterations=chunk)
-  state = metajax.meta.init_train_state(common.init_meta_params(sargs, params, learn), optimizer)
+  if args.mlti is not None:
+    sample = metajax.tasks.interpolate(sample, alpha=args.mlti)
+  train_step = metajax.meta.make_train_step(recipe.value_and_grad, optimizer, sample,
+                                            meta_batch_size=meta_batch, iterations=chunk)
+  state = metajax.meta.init_train_state(recipe.meta_params, optimizer)
   try:
     manager = checkpoint_manager(os.path.join(out, "checkpoints"))
     state = resume(manager, state, args)
@@ -408,11 +285,13 @@ def main(argv=None):
   test_tasks = metajax.tasks.episodes(ways=config.ways, shots=args.shots,
                                       queries=config.queries)(key_eval, args.eval_tasks,
                                                               test_images)
-  finetune, theta = make_finetune(args, config, adapt, loss_fn, state.meta_params, learn)
+  finetune, theta = (make_finetune(args, config, adapt, loss_fn, state.meta_params, learn)
+                     if args.solver in recipes.CLASSIC
+                     else recipe.finetune(state.meta_params, config.test_steps))
   per_task = metajax.meta.evaluate_per_task(finetune, metajax.meta.accuracy(apply_fn), theta,
                                             test_tasks, chunk=eval_chunk(config))
   mean, ci = metajax.meta.confidence_interval(per_task)
-  result = {"config": args.config, "solver": args.solver, "shots": args.shots,
+  result = {"config": args.config, "solver": args.solver, "mlti": args.mlti, "shots": args.shots,
             "accuracy": mean, "ci95": ci, "iterations": iterations,
             "train_seconds": train_seconds, **common.environment()}
   if args.baseline:

@@ -12,7 +12,8 @@ inner loop's edge of stability (top Hessian eigenvalue of a 5-shot loss above 2/
 most test tasks), so fine-tuning for 5 or 10 steps diverges on some tasks and misses the
 paper's 5- and 10-step numbers (README, four seeds each).
 
-Run: ``python experiments/sinusoid.py [--solver maml|fomaml|metasgd|reptile|imaml|adjoint]``.
+Run: ``python experiments/sinusoid.py [--solver maml|fomaml|metasgd|reptile|imaml|adjoint|anil|
+boil|mamlpp|cavia|ml3] [--mlti ALPHA]`` (the methods: ``experiments/recipes.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import recipes  # noqa: E402
 
 import metajax  # noqa: E402
 
@@ -38,7 +40,9 @@ PAPER_MSE = {1: 0.67, 5: 0.38, 10: 0.35}  # MAML Fig. 3 text, 5-shot, trained 10
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog=os.path.basename(__file__),
                               description=__doc__.splitlines()[0])
-  common.add_solver_flags(p, inner_steps=1, inner_lr=0.001)  # the MAML code's (module docstring)
+  common.add_solver_flags(p, inner_steps=1, inner_lr=0.001,  # the MAML code's (module docstring)
+                          solvers=recipes.SOLVERS)
+  recipes.add_method_flags(p)
   p.add_argument("--iterations", type=int, default=70_000)
   p.add_argument("--meta-batch", type=int, default=25)
   p.add_argument("--meta-lr", type=float, default=1e-3)
@@ -57,6 +61,7 @@ def parse_args(argv=None):
   p.add_argument("--out", default="runs/sinusoid")
   args = p.parse_args(argv)
   common.check_solver_flags(p, args)
+  recipes.check_method_flags(p, args)
   common.check_flags(p, args, positive_int=("--iterations", "--meta-batch", "--shots",
                                             "--eval-shots", "--eval-queries", "--eval-steps",
                                             "--chunk"),
@@ -66,21 +71,21 @@ def parse_args(argv=None):
   return args
 
 
-def adaptation_curve(apply_fn, meta_params, learn, args, key):
+def adaptation_curve(recipe, meta_params, args, key):
   """Query MSE after 0..eval_steps fine-tuning steps on each of the test tasks."""
-  loss_fn = metajax.meta.mse_loss(apply_fn)
-  params = meta_params["params"] if learn else meta_params
-  step_size = meta_params["step_size"] if learn else args.inner_lr
-  one_step = metajax.solvers.unrolled(loss_fn, steps=1)
+  theta, step = recipe.stepper(meta_params)
+  loss_fn = recipe.loss_fn
   tasks = metajax.tasks.sinusoid(num_support=args.eval_shots, num_query=args.eval_queries)(
       key, args.eval_tasks)
 
   def curve(task):
-    def body(phi, _):
-      phi = one_step(phi, task.support, step_size=step_size)
-      return phi, loss_fn(phi, task.query)
-    _, losses = jax.lax.scan(body, params, None, length=args.eval_steps)
-    return jnp.concatenate([loss_fn(params, task.query)[None], losses])
+    start = recipe.start(theta)
+    def body(carry, _):
+      phi, k = carry
+      phi = step(phi, task.support, k)
+      return (phi, k + 1), loss_fn(phi, task.query)
+    _, losses = jax.lax.scan(body, (start, jnp.int32(0)), None, length=args.eval_steps)
+    return jnp.concatenate([loss_fn(start, task.query)[None], losses])
 
   return np.asarray(jax.jit(jax.vmap(curve))(tasks))  # (tasks, eval_steps + 1)
 
@@ -90,16 +95,18 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   key_init, key_train, key_eval = jax.random.split(jax.random.key(args.seed), 3)
   kernel_init = metajax.models.MAML_KERNEL_INIT if args.init == "maml" else None
-  params, apply_fn = metajax.models.make_mlp(key_init, kernel_init=kernel_init)
-  loss_fn = metajax.meta.mse_loss(apply_fn)
-  adapt, learn = common.make_adapt(args, loss_fn)
+  recipe = recipes.build(
+      args, lambda extra: metajax.models.make_mlp(key_init, in_features=1 + extra,
+                                                  kernel_init=kernel_init),
+      metajax.meta.mse_loss, jax.random.fold_in(key_init, 1), outputs=1, classification=False)
   optimizer = common.outer_optimizer(args)
   chunk = args.chunk  # divides args.iterations (parse_args)
-  train_step = metajax.meta.make_train_step(
-      common.value_and_grad_for(args, adapt, loss_fn, learn), optimizer,
-      metajax.tasks.sinusoid(num_support=args.shots, num_query=args.shots),
-      meta_batch_size=args.meta_batch, iterations=chunk)
-  state = metajax.meta.init_train_state(common.init_meta_params(args, params, learn), optimizer)
+  sample = metajax.tasks.sinusoid(num_support=args.shots, num_query=args.shots)
+  if args.mlti is not None:
+    sample = metajax.tasks.interpolate(sample, alpha=args.mlti)
+  train_step = metajax.meta.make_train_step(recipe.value_and_grad, optimizer, sample,
+                                            meta_batch_size=args.meta_batch, iterations=chunk)
+  state = metajax.meta.init_train_state(recipe.meta_params, optimizer)
 
   log = common.JsonLog(os.path.join(args.out, "metrics.jsonl"))
   log.write(event="config", **vars(args), **common.environment())
@@ -115,14 +122,15 @@ def main(argv=None):
   bar.close()
   train_seconds = time.time() - start
 
-  curves = adaptation_curve(apply_fn, state.meta_params, learn, args, key_eval)
+  curves = adaptation_curve(recipe, state.meta_params, args, key_eval)
   rows = []
   for steps in sorted(PAPER_MSE):
     if steps > args.eval_steps:
       continue
     mean, ci = metajax.meta.confidence_interval(curves[:, steps])
     rows.append({"steps": steps, "mse": mean, "ci95": ci, "paper": PAPER_MSE[steps]})
-  result = {"solver": args.solver, "train_seconds": train_seconds, "rows": rows,
+  result = {"solver": args.solver, "mlti": args.mlti, "iterations": args.iterations,
+            "train_seconds": train_seconds, "rows": rows,
             "curve_mean": curves.mean(0).tolist(), **common.environment()}
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)

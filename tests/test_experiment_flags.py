@@ -7,6 +7,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+
+import metajax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # a bare `pytest` puts tests/, not the repository root, on sys.path
@@ -90,3 +94,51 @@ def test_amaml_adjoint_memory_is_flat_in_trajectory_length_and_maml_grows():
   assert peak["maml", 16] > 2 * peak["maml", 2]
   row = amaml.run_one("maml", 2, args, params, apply_fn, pools, jax.random.key(2))
   assert np.isfinite(row["rmse"]) and row["ci95"] > 0 and row["peak_mb"] == peak["maml", 2]
+
+
+def _recipe(solver, classification, **flags):
+  import argparse
+  recipes = _script("recipes")
+  args = argparse.Namespace(solver=solver, inner_steps=2, inner_lr=0.1, meta_lr=1e-3,
+                            iterations=20, reg=2.0, cg_steps=2, cg_ridge=0.0, t1=None,
+                            context_size=3, context_lr=1.0, **flags)
+  if classification:
+    module = lambda extra: metajax.models.init_model(
+        metajax.models.Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1 + extra))
+    loss_of, outputs = metajax.meta.cross_entropy_loss, 3
+  else:
+    module = lambda extra: metajax.models.make_mlp(jax.random.key(0), in_features=1 + extra,
+                                                   features=(8, 1))
+    loss_of, outputs = metajax.meta.mse_loss, 1
+  return recipes.build(args, module, loss_of, jax.random.key(1), outputs=outputs,
+                       classification=classification)
+
+
+@pytest.mark.parametrize("solver, classification", [
+    ("anil", False), ("boil", False), ("mamlpp", False), ("cavia", False), ("ml3", False),
+    ("anil", True), ("cavia", True), ("ml3", True)])  # the conv paths that differ
+def test_every_method_recipe_trains_and_finetunes(solver, classification):
+  images = jax.random.uniform(jax.random.key(2), (6, 4, 8, 8, 1))
+  recipe = _recipe(solver, classification)
+  sample = (metajax.tasks.episodes(ways=3, shots=1, queries=2) if classification
+            else metajax.tasks.interpolate(metajax.tasks.sinusoid(num_support=4, num_query=4)))
+  data = (images,) if classification else ()
+  opt = optax.adam(1e-3)
+  step = metajax.meta.make_train_step(recipe.value_and_grad, opt, sample, meta_batch_size=2)
+  state = metajax.meta.init_train_state(recipe.meta_params, opt)
+  state, losses = step(state, jax.random.key(0), *data)
+  assert bool(jnp.isfinite(losses).all())
+  finetune, theta = recipe.finetune(state.meta_params, 2)
+  tasks = sample(jax.random.key(3), 2, *data)
+  phi = finetune(theta, jax.tree.map(lambda x: x[0], tasks.support))
+  assert bool(jnp.isfinite(recipe.loss_fn(phi, jax.tree.map(lambda x: x[0], tasks.query))))
+  head = [k for k in theta if k.startswith("Dense")][-1] if solver in ("anil", "boil") else None
+  if solver == "anil":  # only the head moved
+    assert all(bool(jnp.all(phi[k]["kernel"] == theta[k]["kernel"]))
+               for k in theta if k != head and "kernel" in theta[k])
+  if solver == "boil":
+    assert bool(jnp.all(phi[head]["kernel"] == theta[head]["kernel"]))
+  if solver == "cavia":
+    assert phi["context"].shape == (3,) and bool(jnp.any(phi["context"] != 0))
+  if solver == "mamlpp":
+    assert jax.tree.leaves(state.meta_params["step_size"])[0].shape == (2,)

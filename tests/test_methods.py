@@ -273,3 +273,17 @@ def test_ml3_loss_network_meta_gradient_matches_finite_differences(solver):
     minus = outer({**psi, name: psi[name] - eps * direction})
     fd = (plus - minus) / (2 * eps)
     assert abs(float(jnp.vdot(grads[name], direction)) - float(fd)) <= 1e-6 * max(1.0, abs(fd))
+
+
+def test_implicit_with_float32_params_and_a_float64_closure_keeps_float32():
+  """A learned loss closing over float64 values (x64 on) made the L-BFGS line search fail on
+  mismatched dtypes; the proximal objective is now evaluated in the parameters' dtype."""
+  support = _data(4, 10, 3, jnp.float32)
+  adapt = S.learned_loss(S.implicit(ridge_inner_loss, reg=REG))
+  theta = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+  psi = jnp.zeros(3, jnp.float64)
+  phi = adapt(theta, support, loss_params=psi)
+  assert phi.dtype == jnp.float32
+  ref = closed_form("implicit", lambda w: ridge_inner_loss(w, support, psi),
+                    theta.astype(jnp.float64))
+  assert rel(phi, ref) <= 1e-4

@@ -85,7 +85,13 @@ def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task, adapt=None
   first = jax.tree.map(lambda x: x[0], tasks.support)
   if hasattr(adapt, "initial"):  # the parameters the loss sees (context() adds a context)
     params = adapt.initial(params)
-  return _loops.choose_task_batching(loss_fn, params, first)
+  try:
+    return _loops.choose_task_batching(loss_fn, params, first)
+  except (TypeError, ValueError, KeyError):  # the loss takes what adapt returns, not params
+    if adapt is None:
+      raise
+    adapted = jax.eval_shape(adapt, params, first)
+    return _loops.choose_task_batching(loss_fn, adapted, first)
 
 
 def meta_objective(adapt: Callable, loss_fn: Callable, *,

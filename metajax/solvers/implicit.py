@@ -124,9 +124,11 @@ class Implicit(InnerSolver):
 
     def forward(_, theta0):
       theta_, support_, reg__ = jax.lax.stop_gradient((params, support, safe_reg))
-      def objective(phi):
-        diff = _common.tree_sub(phi, theta_)
-        return self.loss_fn(phi, support_) + 0.5 * reg__ * _common.tree_vdot(diff, diff)
+      dtype = _common.params_dtype(theta_)
+      def objective(phi):  # in the parameters' dtype, whatever the loss closes over (the line
+        diff = _common.tree_sub(phi, theta_)  # search needs one dtype)
+        value = self.loss_fn(phi, support_) + 0.5 * reg__ * _common.tree_vdot(diff, diff)
+        return value.astype(dtype)
       out = self._minimize(objective, jax.lax.stop_gradient(theta0))
       result = jnp.where(hyper_result != 0, hyper_result, out.result).astype(jnp.int32)
       phi = out.x

@@ -90,8 +90,11 @@ class Unrolled(InnerSolver):
     self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
     if self.step_size is not None:
       _check_step_size(self.step_size, per_step)
-      if per_step and not isinstance(self.step_size, (dict, list, tuple)):
-        _step_size_tree(self.step_size, jnp.zeros(()), jnp.float32, self.steps)
+      if per_step and not isinstance(self.step_size, (dict, list, tuple)) \
+          and jnp.shape(self.step_size) != (self.steps,):
+        raise ValueError(f"step_size has shape {jnp.shape(self.step_size)}; with per_step=True "
+                         f"one rate per inner step needs shape ({self.steps},), or a pytree "
+                         "like params.")
     self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
     self.unroll, self.step_aware = unroll, step_aware
     self.hyperparameters = () if optimizer is not None else ("step_size",)
