@@ -49,7 +49,7 @@ def _fresh(directory) -> str:
 def check_run(directory, args, *, resuming: bool) -> None:
   """Records :data:`RUN_FLAGS` in ``directory/run.json``; when resuming they must be unchanged."""
   path = os.path.join(directory, "run.json")
-  run = {name: getattr(args, name) for name in RUN_FLAGS}
+  run = {name: getattr(args, name, None) for name in RUN_FLAGS}
   if resuming and os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:

@@ -51,6 +51,20 @@ def parse_args(argv=None):
   return args
 
 
+def _run(script, flags: list[str], out: str) -> dict:
+  """``script.main(flags + --out out)``, or the ``results.json`` an earlier run left in ``out``
+  (an interrupted comparison resumes where it stopped; delete ``--runs`` to rerun); a run that
+  raises is recorded with its error instead of stopping the comparison."""
+  path = os.path.join(out, "results.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  try:
+    return script.main([*flags, "--out", out])
+  except Exception as err:  # a loud solver failure: keep it in the table  # noqa: BLE001
+    return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+
+
 def run_all(args) -> list[dict]:
   records = []
   for solver, mlti in ROWS:
@@ -59,15 +73,15 @@ def run_all(args) -> list[dict]:
     common_flags = ["--solver", solver, "--seed", str(args.seed),
                     "--eval-tasks", str(args.eval_tasks), *extra]
     if args.only in (None, "sinusoid"):
-      result = sinusoid.main([*common_flags, *SINUSOID_FLAGS,
-                              "--iterations", str(args.sinusoid_iterations),
-                              "--out", os.path.join(args.runs, f"sinusoid-{name}")])
+      result = _run(sinusoid, [*common_flags, *SINUSOID_FLAGS,
+                               "--iterations", str(args.sinusoid_iterations)],
+                    os.path.join(args.runs, f"sinusoid-{name}"))
       records.append({"benchmark": "sinusoid", "method": label(solver, mlti), **result})
     if args.only in (None, "digits"):
       for shots in (1, 5):
-        result = fewshot.main([*common_flags, "--shots", str(shots),
-                               "--iterations", str(args.digits_iterations),
-                               "--out", os.path.join(args.runs, f"digits-{name}-{shots}shot")])
+        result = _run(fewshot, [*common_flags, "--shots", str(shots),
+                                "--iterations", str(args.digits_iterations)],
+                      os.path.join(args.runs, f"digits-{name}-{shots}shot"))
         records.append({"benchmark": f"digits-{shots}shot", "method": label(solver, mlti),
                         **result})
   return records
@@ -82,11 +96,14 @@ def markdown(records: list[dict], args) -> str:
            ""]
   sin = [r for r in records if r["benchmark"] == "sinusoid"]
   if sin:
-    lines += [f"## Sinusoid (MAML's protocol, {sin[0]['iterations']} meta-iterations, 5 inner "
+    lines += [f"## Sinusoid (MAML's protocol, {args.sinusoid_iterations} meta-iterations, 5 inner "
               "steps of 0.01 in training; CAVIA: 4 context inputs, step 1.0)", "",
               "5-shot query MSE after k fine-tuning steps (lower is better).", "",
               "| method | 1 step | 5 steps | 10 steps | train time |", "|---|---|---|---|---|"]
     for r in sin:
+      if "error" in r:
+        lines.append(f"| {r['method']} | failed: {r['error']} | | | |")
+        continue
       cells = [f"{row['mse']:.3f} ± {row['ci95']:.3f}" for row in r["rows"]]
       lines.append(f"| {r['method']} | " + " | ".join(cells)
                    + f" | {r['train_seconds']:.0f} s |")
@@ -95,10 +112,12 @@ def markdown(records: list[dict], args) -> str:
     rows = [r for r in records if r["benchmark"] == f"digits-{shots}shot"]
     if not rows:
       continue
-    lines += [f"## Digits, 5-way {shots}-shot ({rows[0]['iterations']} meta-iterations, "
-              "1 inner step of 0.4 in training, 3 at test; MAML++: 3 steps both)", "",
+    lines += [f"## Digits, 5-way {shots}-shot ({args.digits_iterations} meta-iterations, "
+              "1 inner step of 0.4 in training, 3 at test; MAML++: 3 steps both; CAVIA: a "
+              "context of 100 through FiLM, step 1.0)", "",
               "| method | accuracy | train time |", "|---|---|---|"]
-    lines += [f"| {r['method']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}% | "
+    lines += [f"| {r['method']} | failed: {r['error']} | |" if "error" in r else
+              f"| {r['method']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}% | "
               f"{r['train_seconds']:.0f} s |" for r in rows]
     lines.append("")
   return "\n".join(lines)

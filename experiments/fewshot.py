@@ -111,7 +111,7 @@ def parse_args(argv=None):
   p.add_argument("--data-dir", default=None, help="Omniglot zips / miniImageNet root")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="default: runs/<config>-<solver>-<shots>shot")
-  recipes.add_method_flags(p)
+  recipes.add_method_flags(p, context_size=100)
   args = p.parse_args(argv)
   recipes.check_method_flags(p, args)
   common.check_flags(p, args, positive_int=("--shots", "--iterations", "--meta-batch", "--chunk",
@@ -166,12 +166,13 @@ def solver_args(args, config: Config):
       solver=args.solver, reg=2.0, cg_steps=5, cg_ridge=1.0, t1=None, inner_steps=steps,
       inner_lr=config.imaml_inner_lr if imaml else config.inner_lr,
       meta_lr=config.meta_lr, iterations=getattr(args, "iterations", config.iterations),
-      context_size=getattr(args, "context_size", 4), context_lr=getattr(args, "context_lr", 1.0))
+      context_size=getattr(args, "context_size", 100),
+      context_lr=getattr(args, "context_lr", 1.0))
 
 
-def make_model(config: Config, num_classes: int, key, image_shape):
+def make_model(config: Config, num_classes: int, key, image_shape, context: int = 0):
   module = metajax.models.Conv4(num_classes, filters=config.filters, strided=config.strided,
-                                blocks=config.blocks)
+                                blocks=config.blocks, context=context)
   return metajax.models.init_model(module, key, image_shape)
 
 
@@ -240,10 +241,8 @@ def main(argv=None):
   key_init, key_train, key_eval, key_base = jax.random.split(jax.random.key(args.seed), 4)
 
   sargs = solver_args(args, config)
-  height, width, channels = image_shape  # cavia: the context enters as constant extra channels
   recipe = recipes.build(
-      sargs, lambda extra: make_model(config, config.ways, key_init,
-                                      (height, width, channels + extra)),
+      sargs, lambda context: make_model(config, config.ways, key_init, image_shape, context),
       metajax.meta.cross_entropy_loss, jax.random.fold_in(key_init, 1), outputs=config.ways,
       classification=True)
   adapt, learn, loss_fn, apply_fn = recipe.adapt, recipe.learn, recipe.loss_fn, recipe.apply_fn

@@ -7,10 +7,14 @@ The classic solvers (MAML, first-order MAML, Meta-SGD, Reptile, iMAML, the adjoi
   layer) / everything else, MAML's steps and step size;
 - ``mamlpp``: MAML++ with learned per-layer, per-step step sizes (LSLR), the multi-step loss
   for the first 10% of the meta-iterations and first-order gradients for the first 10%
-  (:func:`metajax.meta.maml_plus_plus`);
-- ``cavia``: :func:`metajax.solvers.context`, a context of ``--context-size`` fed to the input
-  (:func:`metajax.models.with_context`: extra input features, or constant extra channels of an
-  image), adapted with ``--context-lr``;
+  (:func:`metajax.meta.maml_plus_plus`). The rates are stored as ``log(rate)``
+  (``learn={"step_size": "log"}``): learned raw, as in MAML++'s code, they grew under Adam until
+  the sinusoid inner loop diverged (meta-loss 1e17 at meta-iteration 1539, 5 steps, raised by the
+  train step);
+- ``cavia``: :func:`metajax.solvers.context`, a context of ``--context-size`` adapted with
+  ``--context-lr``, fed to the regression MLP as extra inputs and to Conv4 by FiLM
+  (``Conv4(context=d)``: constant extra input channels, tried first, are cancelled by the first
+  batch norm and left CAVIA at 26% on 5-way digits, chance 20%);
 - ``ml3``: :func:`metajax.solvers.learned_loss`, the task loss plus a learned correction, a
   small network of (prediction, target) whose last layer starts at zero (so training starts as
   MAML).
@@ -40,9 +44,11 @@ SOLVERS = CLASSIC + METHODS
 ML3_HIDDEN = 16
 
 
-def add_method_flags(parser) -> None:
-  """Flags of the second-wave methods (ignored by the others)."""
-  parser.add_argument("--context-size", type=int, default=4, help="cavia: context length")
+def add_method_flags(parser, *, context_size: int) -> None:
+  """Flags of the second-wave methods (ignored by the others); ``context_size``: CAVIA's
+  default context length (its paper: 4 for regression, 100 for classification)."""
+  parser.add_argument("--context-size", type=int, default=context_size,
+                      help="cavia: context length")
   parser.add_argument("--context-lr", type=float, default=1.0, help="cavia: context step size")
   parser.add_argument("--mlti", type=float, default=None, metavar="ALPHA",
                       help="train on MLTI task interpolations with Beta(ALPHA, ALPHA) weights")
@@ -118,8 +124,10 @@ class Recipe:
 
 def build(args, make_model: Callable, loss_of: Callable, key, *, outputs: int,
           classification: bool) -> Recipe:
-  """The method ``args.solver`` for the model ``make_model(extra_inputs) -> (params, apply_fn)``
-  with ``outputs`` outputs and the loss ``loss_of(apply_fn)``.
+  """The method ``args.solver`` for the model ``make_model(context) -> (params, apply_fn)``
+  (``context``: the CAVIA context's length, 0 for the others; the regression model takes that
+  many extra inputs, the classifier is ``Conv4(context=...)``) with ``outputs`` outputs and the
+  loss ``loss_of(apply_fn)``.
 
   ``args`` carries ``solver, inner_steps, inner_lr, meta_lr, iterations`` (and the iMAML /
   adjoint flags of ``common.add_solver_flags``, and :func:`add_method_flags`'s).
@@ -127,8 +135,10 @@ def build(args, make_model: Callable, loss_of: Callable, key, *, outputs: int,
   s, m = metajax.solvers, metajax.meta
   cavia = args.solver == "cavia"
   params, apply_fn = make_model(args.context_size if cavia else 0)
-  if cavia:
-    apply_fn = metajax.models.with_context(apply_fn)
+  if cavia:  # regression: extra inputs; classification: Conv4's FiLM (batch norm would cancel
+    # a context fed to the input as constant channels)
+    apply_fn = metajax.models.with_context(apply_fn,
+                                           keyword="context" if classification else None)
   loss_fn = loss_of(apply_fn)
   steps, lr = args.inner_steps, args.inner_lr
   gd_step = lambda loss, step_size: s.unrolled(loss, steps=1, step_size=step_size)
@@ -151,13 +161,14 @@ def build(args, make_model: Callable, loss_of: Callable, key, *, outputs: int,
     stepper = lambda mp: (mp, lambda phi, b, k: one(phi, b))
   elif args.solver == "mamlpp":
     adapt = s.unrolled(loss_fn, steps=steps, per_step=True, step_size=jnp.full((steps,), lr))
-    learn = ("step_size",)
-    meta_params = {"params": params, "step_size": m.lslr_step_sizes(params, steps, lr)}
+    learn = {"step_size": "log"}  # stored as log(rate): MAML++'s raw rates diverged (recipe doc)
+    meta_params = {"params": params,
+                   "step_size": jax.tree.map(jnp.log, m.lslr_step_sizes(params, steps, lr))}
     one = s.unrolled(loss_fn, steps=1)
     def stepper(mp):  # step k uses the learned rates of step min(k, K - 1)
-      last = steps - 1
+      last, rates = steps - 1, m.PARAMETRIZATIONS["log"](mp["step_size"])
       return mp["params"], lambda phi, b, k: one(phi, b, step_size=jax.tree.map(
-          lambda r: r[jnp.minimum(k, last)], mp["step_size"]))
+          lambda r: r[jnp.minimum(k, last)], rates))
   elif cavia:
     adapt = s.context(s.unrolled(loss_fn, steps=steps, step_size=args.context_lr),
                       args.context_size)

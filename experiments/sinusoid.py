@@ -42,7 +42,7 @@ def parse_args(argv=None):
                               description=__doc__.splitlines()[0])
   common.add_solver_flags(p, inner_steps=1, inner_lr=0.001,  # the MAML code's (module docstring)
                           solvers=recipes.SOLVERS)
-  recipes.add_method_flags(p)
+  recipes.add_method_flags(p, context_size=4)
   p.add_argument("--iterations", type=int, default=70_000)
   p.add_argument("--meta-batch", type=int, default=25)
   p.add_argument("--meta-lr", type=float, default=1e-3)

@@ -103,8 +103,9 @@ def _recipe(solver, classification, **flags):
                             iterations=20, reg=2.0, cg_steps=2, cg_ridge=0.0, t1=None,
                             context_size=3, context_lr=1.0, **flags)
   if classification:
-    module = lambda extra: metajax.models.init_model(
-        metajax.models.Conv4(3, filters=4, blocks=2), jax.random.key(0), (8, 8, 1 + extra))
+    module = lambda context: metajax.models.init_model(
+        metajax.models.Conv4(3, filters=4, blocks=2, context=context), jax.random.key(0),
+        (8, 8, 1))
     loss_of, outputs = metajax.meta.cross_entropy_loss, 3
   else:
     module = lambda extra: metajax.models.make_mlp(jax.random.key(0), in_features=1 + extra,

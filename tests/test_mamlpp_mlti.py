@@ -254,3 +254,19 @@ def test_interpolated_family_trains_in_one_compiled_step():
   for _ in range(2):
     state, losses = step(state, jax.random.key(0))
   assert step.cache_sizes() == {"step": 1} and bool(jnp.all(jnp.isfinite(losses)))
+
+
+def test_maml_plus_plus_with_per_step_batch_norm_trains_every_steps_row():
+  """Step k's support and query both use batch-norm row k (select_step), so after one
+  meta-gradient every row 0..K-1 has moved and no other."""
+  module = metajax.models.Conv4(3, filters=4, blocks=1, norm="per_step", num_steps=3)
+  params, apply_fn = metajax.models.init_model(module, jax.random.key(0), (4, 4, 1))
+  loss = lambda p, b, k: M.cross_entropy_loss(apply_fn)(metajax.models.select_step(p, k), b)
+  adapt = S.unrolled(loss, steps=2, step_size=0.1, step_aware=True)
+  vg = M.maml_plus_plus(adapt, loss, msl_iterations=10)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 4, 4, 1))
+  labels = jnp.tile(jnp.arange(3), (2, 2))
+  tasks = metajax.tasks.Task((x, labels), (x, labels))
+  _, grads = jax.jit(vg)(params, tasks, jnp.int32(0))
+  row_norms = jnp.abs(grads["BatchNorm_0"]["scale"]).sum(axis=1)
+  assert float(row_norms[0]) > 0 and float(row_norms[1]) > 0 and float(row_norms[2]) == 0

@@ -70,13 +70,16 @@ def from_equinox(module, *, batched: bool = True) -> tuple[Any, Callable]:
   return params, apply_fn
 
 
-def with_context(apply_fn: Callable) -> Callable:
-  """CAVIA's model: ``apply_fn`` with a context vector concatenated to every input.
+def with_context(apply_fn: Callable, *, keyword: str | None = None) -> Callable:
+  """CAVIA's model: ``apply_fn`` given a context vector, concatenated to every input by default.
 
   Returns ``apply(p, x) = apply_fn(p['params'], concat([x, context], axis=-1))`` where
   ``p = {'params': ..., 'context': c}`` (as :func:`metajax.solvers.context` returns) and ``c``
   (shape ``(d,)``) is broadcast over the leading axes of ``x``: the network's first layer takes
-  ``x.shape[-1] + d`` inputs.
+  ``x.shape[-1] + d`` inputs. With ``keyword``, the context is passed to the network instead,
+  ``apply_fn(p['params'], x, **{keyword: c})``, e.g. ``keyword="context"`` for
+  ``Conv4(..., context=d)``, which modulates its blocks by FiLM (an input-level context would
+  be cancelled by batch norm).
 
   Example:
     >>> import jax.numpy as jnp, metajax
@@ -87,6 +90,8 @@ def with_context(apply_fn: Callable) -> Callable:
   """
   if not callable(apply_fn):
     raise TypeError(f"with_context(apply_fn) takes a callable, got {apply_fn!r}.")
+  if keyword is not None and not (isinstance(keyword, str) and keyword.isidentifier()):
+    raise TypeError(f"keyword must be an argument name of apply_fn, got {keyword!r}.")
 
   def apply(p, x, *args, **kwargs):
     if not (isinstance(p, dict) and set(p) == {"params", "context"}):
@@ -96,6 +101,8 @@ def with_context(apply_fn: Callable) -> Callable:
     context = jnp.asarray(p["context"])
     if context.ndim != 1:
       raise ValueError(f"the context must be a vector (shape (d,)), got shape {context.shape}.")
+    if keyword is not None:
+      return apply_fn(p["params"], x, *args, **{keyword: context}, **kwargs)
     x = jnp.asarray(x)
     full = jnp.broadcast_to(context.astype(x.dtype), x.shape[:-1] + context.shape)
     return apply_fn(p["params"], jnp.concatenate([x, full], axis=-1), *args, **kwargs)
