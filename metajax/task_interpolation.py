@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.solvers import _common
 from metajax.solvers._result import RESULTS, error_if
@@ -17,11 +18,15 @@ from metajax.tasks import Task, _check_key
 
 
 def _check_alpha(alpha) -> float:
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-      math.isfinite(alpha) and alpha > 0):
+  try:
+    value = float(alpha) if not isinstance(alpha, (bool, np.bool_, str)) and \
+        np.ndim(alpha) == 0 else None
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    value = None
+  if value is None or not (math.isfinite(value) and value > 0):
     raise ValueError(f"alpha must be a finite number > 0 (the Beta(alpha, alpha) mixing "
                      f"distribution), got {alpha!r}.")
-  return float(alpha)
+  return value
 
 
 def mix_tasks(key, tasks: Task, *, alpha: float = 0.5) -> Task:
@@ -53,8 +58,13 @@ def mix_tasks(key, tasks: Task, *, alpha: float = 0.5) -> Task:
   alpha = _check_alpha(alpha)
   if not isinstance(tasks, Task):
     raise TypeError(f"tasks must be a metajax.tasks.Task batch, got {type(tasks).__name__}.")
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tasks)}
-  if len(sizes) != 1 or None in sizes:
+  for path, x in jax.tree_util.tree_leaves_with_path(tasks):
+    if not hasattr(x, "shape") or not jnp.ndim(x):
+      raise ValueError(f"tasks{jax.tree_util.keystr(path)} is {type(x).__name__} "
+                       f"{getattr(x, 'shape', '')}: every leaf of tasks must be an array with a "
+                       "leading task axis.")
+  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
+  if len(sizes) != 1:
     raise ValueError(f"every leaf of tasks needs the same leading task axis; got sizes {sizes}.")
   n = sizes.pop()
   if n < 2:
@@ -83,8 +93,9 @@ def mix_tasks(key, tasks: Task, *, alpha: float = 0.5) -> Task:
     differing = sum(mismatch[1:], mismatch[0])
     code = jnp.where(differing == 0, RESULTS.successful, RESULTS.invalid_input)
     mixed = error_if(mixed, code, "metajax mix_tasks: integer labels of paired tasks differ "
-                     "(MLTI pairs class k with class k: group each task's examples by class, as "
-                     "episodes() does, or use one-hot float labels)",
+                     "(integer leaves are class labels, kept, not mixed: MLTI pairs class k with "
+                     "class k, so group each task's examples by class as episodes() does, use "
+                     "one-hot float labels, or cast integer inputs to float)",
                      differing_labels=differing)
   return mixed
 

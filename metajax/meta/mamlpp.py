@@ -12,10 +12,12 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.meta.objectives import task_mean
 from metajax.solvers import _common
 from metajax.solvers.unrolled import Unrolled
+from metajax.solvers.wrappers import _takes_positional
 
 
 def _check_unrolled(adapt, what: str) -> Unrolled:
@@ -55,6 +57,10 @@ def multi_step_objective(adapt: Unrolled, loss_fn: Callable, *,
   """
   adapt = _check_unrolled(adapt, "multi_step_objective")
   _common.check_callable("loss_fn", loss_fn)
+  if adapt.step_aware and not _takes_positional(loss_fn, 3):
+    raise TypeError("with a step_aware solver, multi_step_objective evaluates the query after "
+                    "step k as loss_fn(phi_k, query, k) (MAML++'s per-step batch norm); this "
+                    "loss_fn takes fewer arguments: pass the solver's step-aware loss.")
 
   def task_loss(params, hyper, task, step_weights):
     weights = jnp.asarray(step_weights)
@@ -68,7 +74,7 @@ def multi_step_objective(adapt: Unrolled, loss_fn: Callable, *,
     losses = jax.vmap(per_step)(path, steps)
     return jnp.sum(weights.astype(losses.dtype) * losses)
 
-  probe = (lambda p, b: loss_fn(p, b, 0)) if adapt.step_aware else loss_fn  # for "auto" batching
+  probe = (lambda p, b: loss_fn(p, b, jnp.int32(0))) if adapt.step_aware else loss_fn  # "auto"
   return task_mean(task_loss, adapt, probe, learn=learn, task_batching=task_batching,
                    name="multi_step_objective", extra=("step_weights",))
 
@@ -95,9 +101,13 @@ def msl_weights(steps: int, meta_iteration, anneal_iterations: int) -> jax.Array
   """
   steps = _common.check_positive_int("steps", steps)
   anneal_iterations = _common.check_positive_int("anneal_iterations", anneal_iterations)
-  if isinstance(meta_iteration, (int, float)) and not isinstance(meta_iteration, bool) \
-      and meta_iteration < 0:
-    raise ValueError(f"meta_iteration must be >= 0, got {meta_iteration}.")
+  if isinstance(meta_iteration, (bool, np.bool_)) or jnp.ndim(meta_iteration) != 0:
+    raise ValueError(f"meta_iteration must be a scalar int (the meta-iteration), got "
+                     f"{meta_iteration!r}.")
+  if not isinstance(meta_iteration, jax.core.Tracer):
+    value = np.asarray(meta_iteration)
+    if not np.issubdtype(value.dtype, np.number) or not np.isfinite(value) or value < 0:
+      raise ValueError(f"meta_iteration must be >= 0, got {meta_iteration}.")
   t = jnp.asarray(meta_iteration, jnp.result_type(float))  # float64 when x64 is on
   decay = 1.0 / steps / anneal_iterations
   floor = 0.03 / steps
@@ -119,6 +129,7 @@ def lslr_step_sizes(params, steps: int, value: float) -> dict:
   """
   steps = _common.check_positive_int("steps", steps)
   _common.check_hyperparameter("value", value, strict=False)
+  _common.params_dtype(params)  # floating-point leaves only
   return jax.tree.map(lambda p: jnp.full((steps,), value, jnp.asarray(p).dtype), params)
 
 
@@ -142,7 +153,8 @@ def maml_plus_plus(adapt: Unrolled, loss_fn: Callable, *, msl_iterations: int,
   Returns:
     ``value_and_grad(meta_params, tasks, meta_iteration) -> (loss, grads)``, marked
     ``takes_meta_iteration = True`` so that :func:`~metajax.meta.make_train_step` passes the
-    meta-iteration. The schedule is evaluated on device: one compilation for the whole run
+    meta-iteration (``jax.jit`` keeps the mark; a ``functools.partial`` or a decorator of your
+    own must copy it). The schedule is evaluated on device: one compilation for the whole run
     (both derivative orders are compiled, one runs per iteration).
 
   Example:

@@ -92,6 +92,9 @@ def with_context(apply_fn: Callable, *, keyword: str | None = None) -> Callable:
     raise TypeError(f"with_context(apply_fn) takes a callable, got {apply_fn!r}.")
   if keyword is not None and not (isinstance(keyword, str) and keyword.isidentifier()):
     raise TypeError(f"keyword must be an argument name of apply_fn, got {keyword!r}.")
+  if keyword is None and getattr(getattr(apply_fn, "module", None), "context", 0):
+    raise ValueError("this model takes its context as an argument (Conv4(context=d), by FiLM): "
+                     "use with_context(apply_fn, keyword='context').")
 
   def apply(p, x, *args, **kwargs):
     if not (isinstance(p, dict) and set(p) == {"params", "context"}):
@@ -104,7 +107,9 @@ def with_context(apply_fn: Callable, *, keyword: str | None = None) -> Callable:
     if keyword is not None:
       return apply_fn(p["params"], x, *args, **{keyword: context}, **kwargs)
     x = jnp.asarray(x)
-    full = jnp.broadcast_to(context.astype(x.dtype), x.shape[:-1] + context.shape)
+    dtype = jnp.promote_types(x.dtype, context.dtype)  # integer inputs must not truncate it
+    full = jnp.broadcast_to(context.astype(dtype), x.shape[:-1] + context.shape)
+    x = x.astype(dtype)
     return apply_fn(p["params"], jnp.concatenate([x, full], axis=-1), *args, **kwargs)
 
   return apply

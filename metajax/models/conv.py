@@ -129,7 +129,8 @@ class Conv4(nn.Module):
   def check(self, input_shape=None) -> None:
     """Raises naming the attribute (or the image size) that cannot build this network."""
     _check_int("Conv4", "num_classes", self.num_classes)
-    if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
+    if isinstance(self.context, (bool, np.bool_)) or not isinstance(
+        self.context, (int, np.integer)) or self.context < 0:
       raise ValueError(f"Conv4.context must be an int >= 0 (0: no context), got "
                        f"{self.context!r}.")
     _check_int("Conv4", "filters", self.filters)

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metajax.solvers import _common, _loops
@@ -49,6 +50,14 @@ def _step_size_tree(step_size, params: PyTree, dtype, steps: int | None = None) 
       f"{jax.tree.structure(params)}.")
 
 
+def _per_step_list(step_size, per_step: bool):
+  """With ``per_step``, a list or tuple of numbers is the ``(steps,)`` array of rates."""
+  if per_step and isinstance(step_size, (list, tuple)) and step_size and all(
+      isinstance(a, (int, float, np.number)) and not isinstance(a, bool) for a in step_size):
+    return jnp.asarray(step_size, dtype=float)
+  return step_size
+
+
 def _check_step_size(step_size, per_step: bool = False) -> None:
   """A scalar step size (or, with ``per_step``, a ``(steps,)`` array of them) must be finite and
   >= 0; a per-parameter tree (Meta-SGD, MAML++'s per-layer rates) only finite: Meta-SGD's
@@ -86,6 +95,7 @@ class Unrolled(InnerSolver):
                        "step; with optimizer= use an optax schedule instead.")
     if per_step and step_size is None:
       step_size = jnp.full((self.steps,), DEFAULT_STEP_SIZE)
+    step_size = _per_step_list(step_size, per_step)
     self.per_step = per_step
     self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
     if self.step_size is not None:
@@ -107,7 +117,7 @@ class Unrolled(InnerSolver):
 
   def _check_inputs(self, params, support):
     if self.step_aware:  # loss_fn takes the step index: check it with step 0
-      probe = self.with_loss(lambda p, b: self.loss_fn(p, b, 0))
+      probe = self.with_loss(lambda p, b: self.loss_fn(p, b, jnp.int32(0)))
       probe.step_aware = False
       return probe._check_inputs(params, support)
     return super()._check_inputs(params, support)
@@ -140,6 +150,7 @@ class Unrolled(InnerSolver):
       if step_size is None:
         step_size = self.step_size
       else:
+        step_size = _per_step_list(step_size, self.per_step)
         _check_step_size(step_size, self.per_step)
       rates = _step_size_tree(step_size, params, dtype, self.steps if self.per_step else None)
 
@@ -159,7 +170,7 @@ class Unrolled(InnerSolver):
     if self.remat:
       step = jax.checkpoint(step)
     opt_state = None if self.optimizer is None else self.optimizer.init(params)
-    probe = (lambda p, b: self.loss_fn(p, b, 0)) if self.step_aware else self.loss_fn
+    probe = (lambda p, b: self.loss_fn(p, b, jnp.int32(0))) if self.step_aware else self.loss_fn
     n_unroll = _loops.resolve_unroll(self.unroll, self.steps, probe, params, support)
     carry = (params, opt_state, jnp.zeros((), jnp.int32))
     (phi, _, k), (losses, path) = _loops.repeat(step, carry, self.steps, n_unroll)

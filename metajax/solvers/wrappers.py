@@ -13,11 +13,13 @@ Each binds, per call, a loss that closes over the (traced) values it holds fixed
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.solvers import _common
 from metajax.solvers.base import InnerSolver
@@ -52,7 +54,9 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
   """A mask for :func:`masked`: the leaves whose path matches the regular expression ``pattern``.
 
   Paths are written ``"Dense_2/kernel"`` (dict keys, attribute names and indices joined by
-  ``/``) and matched with :func:`re.search`.
+  ``/``). A leaf is selected when the pattern matches the whole of its path or of a leading part
+  of it (:func:`re.fullmatch` on ``"Dense_2"`` and ``"Dense_2/kernel"``): ``"Dense_1"`` selects
+  the layer ``Dense_1``, never ``Dense_10``; ``".*/kernel"`` selects every kernel.
 
   Args:
     pattern: a regular expression.
@@ -77,9 +81,13 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
   if not isinstance(invert, bool):
     raise TypeError(f"invert must be True or False, got {invert!r}.")
 
+  def matches(name: str) -> bool:
+    parts = name.split("/")
+    return any(regex.fullmatch("/".join(parts[:i])) for i in range(1, len(parts) + 1))
+
   def mask(params):
     names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    hits = [bool(regex.search(n)) != invert for n in names]
+    hits = [matches(n) != invert for n in names]
     if not any(hits):
       raise ValueError(f"path_mask({pattern!r}{', invert=True' if invert else ''}) selects no "
                        f"parameter; the parameter paths are {names}.")
@@ -93,6 +101,12 @@ class Masked(_Wrapper):
 
   def __init__(self, solver, mask):
     super().__init__(solver, "masked")
+    if isinstance(solver, Context):
+      raise TypeError("masked cannot wrap context(...): context already chooses what adapts (the "
+                      "context vector); wrap the inner solver instead.")
+    if isinstance(mask, str):
+      raise TypeError(f"mask must be a pytree of bools or a function of params, got the string "
+                      f"{mask!r}; for parameters by name use path_mask({mask!r}).")
     if not callable(mask) and not jax.tree.leaves(mask):
       raise ValueError("mask is empty: pass a pytree of bools like params (True: adapt) or a "
                        "function params -> such a pytree.")
@@ -115,9 +129,9 @@ class Masked(_Wrapper):
       raise ValueError("mask selects no parameter: nothing would be adapted.")
     return full
 
-  def split(self, params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  def split(self, params: PyTree, mask: PyTree | None = None):
     """``(adapted, merge)``: the masked leaves (``None`` elsewhere) and the inverse of the split."""
-    mask = self.resolve_mask(params)
+    mask = self.resolve_mask(params) if mask is None else mask
     adapted = jax.tree.map(lambda m, p: p if m else None, mask, params)
     merge = lambda sub: jax.tree.map(lambda m, p, a: a if m else p, mask, params, sub)
     return adapted, merge
@@ -126,13 +140,26 @@ class Masked(_Wrapper):
     _common.params_dtype(params)
     self.resolve_mask(params)
 
+  def _hyperparameter(self, name, value, mask, structure):
+    """A per-parameter hyperparameter (Meta-SGD rates), given for the full params, masked as
+    they are; anything else as is."""
+    if name == "loss_params":
+      return value
+    if jax.tree.structure(value) == structure:
+      return self.split(value, mask)[0]
+    if isinstance(value, (dict, list, tuple)) and any(
+        hasattr(x, "shape") for x in jax.tree.leaves(value)):
+      raise ValueError(f"masked: {name} has structure {jax.tree.structure(value)}; a "
+                       f"per-parameter {name} is given for the full params {structure} (the "
+                       "unadapted leaves' entries are ignored).")
+    return value
+
   def _solve(self, params, support, **hyperparameters):
-    adapted, merge = self.split(params)
+    mask = self.resolve_mask(params)
+    adapted, merge = self.split(params, mask)
     structure = jax.tree.structure(params)
-    hyperparameters = {  # per-parameter hyperparameters (Meta-SGD rates) are masked alike
-        name: (self.split(value)[0] if name != "loss_params"
-               and jax.tree.structure(value) == structure else value)
-        for name, value in hyperparameters.items()}
+    hyperparameters = {name: self._hyperparameter(name, value, mask, structure)
+                       for name, value in hyperparameters.items()}
     inner = self.solver.with_loss(lambda sub, batch, *step: self.loss_fn(merge(sub), batch,
                                                                          *step))
     phi, info = inner.solve(adapted, support, **hyperparameters)
@@ -181,12 +208,12 @@ class Context(_Wrapper):
 
   def __init__(self, solver, shape):
     super().__init__(solver, "context")
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    is_int = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+    if is_int(shape):
       shape = (shape,)
-    if not (isinstance(shape, tuple) and shape and all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+    if not (isinstance(shape, tuple) and shape and all(is_int(n) and n >= 1 for n in shape)):
       raise ValueError(f"context shape must be a positive int or a tuple of them, got {shape!r}.")
-    self.shape = shape
+    self.shape = tuple(int(n) for n in shape)
     self._masked = Masked(solver, {"params": False, "context": True})
 
   def _bind_loss(self) -> None:
@@ -202,10 +229,13 @@ class Context(_Wrapper):
     self._masked._check_inputs(self.initial(params), support)
 
   def _solve(self, params, support, **hyperparameters):
-    if any(jax.tree.structure(v) == jax.tree.structure(params)
-           for v in hyperparameters.values()):
-      raise ValueError("context adapts only the context vector: a per-parameter hyperparameter "
-                       "would be given for the context's shape, not for params.")
+    for name, value in hyperparameters.items():
+      leaves = jax.tree.leaves(value)
+      if name != "loss_params" and any(jnp.ndim(x) for x in leaves) and \
+          jax.tree.structure(value) == jax.tree.structure(params):
+        raise ValueError(f"context adapts only the context vector: {name} shaped like params "
+                         "(per-parameter) does not apply; pass a scalar, or one shaped like the "
+                         "context.")
     return self._masked._solve(self.initial(params), support, **hyperparameters)
 
 
@@ -244,6 +274,11 @@ class LearnedLoss(_Wrapper):
   def __init__(self, solver):
     super().__init__(solver, "learned_loss")
     self.hyperparameters = tuple(solver.hyperparameters) + ("loss_params",)
+    extra = 2 if getattr(solver, "step_aware", False) else 1
+    if not _takes_positional(solver.loss_fn, 2 + extra):
+      raise TypeError("learned_loss calls loss_fn(params, batch, loss_params"
+                      + (", step" if extra == 2 else "") + "), but the solver's loss_fn does "
+                      "not take that many arguments; build the solver with such a loss.")
 
   def _check_inputs(self, params, support):
     """Checked by the bound solver, once ``loss_params`` is known."""
@@ -256,6 +291,17 @@ class LearnedLoss(_Wrapper):
     inner = self.solver.with_loss(
         lambda p, batch, *step: self.loss_fn(p, batch, loss_params, *step))
     return inner.solve(params, support, **hyperparameters)
+
+
+def _takes_positional(fn, n: int) -> bool:
+  """Whether ``fn`` accepts ``n`` positional arguments (True when it cannot be inspected)."""
+  try:
+    inspect.signature(fn).bind(*range(n))
+  except TypeError:
+    return False
+  except ValueError:  # no signature (some builtins, C callables)
+    return True
+  return True
 
 
 def learned_loss(solver: InnerSolver) -> LearnedLoss:
