@@ -106,7 +106,7 @@ def test_backsolve_adjoint_instance_equals_the_string_form():
 
 
 def test_t1_100_matches_the_closed_form():
-  """Issue 15: at t1 = 100 the default adjoint is exact. ``expm(-100 A)`` is ~5e-15 here, so a
+  """Long horizons: at t1 = 100 the default adjoint is exact. ``expm(-100 A)`` is ~5e-15 here, so a
   *relative* error of the meta-gradient measures float64 round-off of O(1) values (the old
   benchmark's 8e4), not the solver: compare absolutely."""
   problem = linreg.Problem()

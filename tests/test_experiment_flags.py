@@ -39,7 +39,7 @@ def test_cosmixture_chunk_larger_than_iterations_trains_them_all():
 
 
 def test_fewshot_metasgd_finetunes_with_the_learned_step_sizes():
-  """Review A.1 #5: Meta-SGD was evaluated with the scalar config.inner_lr."""
+  """Regression: Meta-SGD was evaluated with the scalar config.inner_lr."""
   fewshot = _script("fewshot")
   config = fewshot.CONFIGS["digits"]  # test_steps=3, inner_lr=0.4
   loss = lambda p, batch: 0.5 * jnp.sum((p["w"] - batch) ** 2)
@@ -78,7 +78,7 @@ def test_amaml_pools_are_standardized_and_tasks_come_from_them():
 
 
 def test_amaml_adjoint_memory_is_flat_in_trajectory_length_and_maml_grows():
-  """Issue 15's memory claim at a small scale (2 and 16 inner steps), and one short run."""
+  """A-MAML's memory claim at a small scale (2 and 16 inner steps), and one short run."""
   amaml = _script("amaml")
   args = amaml.parse_args(["--iterations", "2", "--chunk", "1", "--tasks", "4",
                            "--meta-batch", "2", "--shots", "5", "--queries", "5"])

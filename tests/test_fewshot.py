@@ -162,7 +162,7 @@ def test_per_step_batch_norm_with_step_aware_unrolled_solver():
 
 
 def test_select_step_moves_only_per_step_rows_and_clamps_array_steps():
-  """Review A.1 #11: step 3 of 3 wrapped to row 0, and 1-D batch-norm leaves were rotated."""
+  """Regression: step 3 of 3 wrapped to row 0, and 1-D batch-norm leaves were rotated."""
   rows = jnp.arange(12.0).reshape(3, 4)
   params = {"BatchNorm_0": {"scale": rows, "bias": rows + 100},  # per-step: (num_steps, C)
             "BatchNorm_1": {"scale": jnp.ones(4), "bias": jnp.arange(4.0)},  # transductive
@@ -206,7 +206,7 @@ def test_per_step_unrolled_solver_with_as_many_steps_as_rows_runs_eagerly():
 
 
 def test_calibrate_batch_stats_takes_the_module_for_a_wrapped_apply_fn():
-  """Review A.1 #15: a wrapped apply_fn has no .module attribute."""
+  """Regression: a wrapped apply_fn has no .module attribute."""
   module = Conv4(5, filters=4, norm="frozen", blocks=2)
   params, apply_fn = init_model(module, jax.random.key(0), (8, 8, 1))
   images = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
@@ -221,7 +221,7 @@ def test_calibrate_batch_stats_takes_the_module_for_a_wrapped_apply_fn():
 
 
 def test_freeze_batch_stats_keeps_frozen_statistics_under_weight_decay():
-  """Review A.1 #14: adamw's weight decay moved the stored mean and var (they are params)."""
+  """Regression: adamw's weight decay moved the stored mean and var (they are params)."""
   module = Conv4(3, filters=4, norm="frozen", blocks=2)
   params, apply_fn = init_model(module, jax.random.key(0), (8, 8, 1))
   images = jax.random.normal(jax.random.key(1), (8, 8, 8, 1)) + 1.0

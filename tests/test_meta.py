@@ -152,7 +152,7 @@ def test_evaluate_reports_per_task_mean():
 
 
 def test_evaluate_twice_with_the_same_functions_compiles_once():
-  """Issue 13: ``evaluate`` used to build a new ``jit`` (and compile for ~60 s) on every call."""
+  """``evaluate`` used to build a new ``jit`` (and compile for ~60 s) on every call."""
   traces = []
   loss = metajax.meta.mse_loss(lambda p, x: p * x)
 

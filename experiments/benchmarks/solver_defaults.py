@@ -1,6 +1,6 @@
 """Each solver's defaults on the sinusoid MLP: compile time, time per meta-gradient, accuracy.
 
-Workload (issue 13): MLP 1-40-40-1 ReLU (``make_mlp``), 25 sinusoid tasks, 10-shot,
+Workload: MLP 1-40-40-1 ReLU (``make_mlp``), 25 sinusoid tasks, 10-shot,
 ``jit(value_and_grad(meta_objective(adapt, mse)))`` in float32. MAML (K=5, step 0.01) is the
 baseline; the implicit and adjoint solvers run with their defaults (``reg=2``, ``t1=0.05``,
 the same horizon as MAML's 5 steps of 0.01) and with the previous defaults. Accuracy is the

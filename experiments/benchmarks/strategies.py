@@ -1,6 +1,6 @@
 """Execution strategies vs PyTorch peers: seconds per meta-iteration, compile time, peak memory.
 
-Workloads (issue 6), second-order MAML unless the row names another solver, Adam 1e-3 outer:
+Workloads: second-order MAML unless the row names another solver, Adam 1e-3 outer:
   (a) ``sinusoid``: MLP 1-40-40-1, 10-shot, 10 queries, meta-batch 25, alpha 0.01,
       K in {1, 5, 10, 25, 50}.
   (b) ``conv``: Omniglot-shaped Conv4 (64 filters, stride 2, batch norm with each task's own
@@ -189,7 +189,7 @@ def write_report(rows: list[dict], path: str) -> str:
   torch_v = next((f"{r['torch']} on {r.get('torch_device', 'cpu')}" for r in rows if "torch" in r),
                  "not installed")
   lines = [
-      "# Execution strategies vs PyTorch peers (issue 6)",
+      "# Execution strategies vs PyTorch peers",
       "",
       f"Machine: {host['machine']}, {host['cpus']} CPUs, backend {env.get('device')}; "
       f"jax {env.get('jax')}, torch {torch_v}, Python {host['python']}. "

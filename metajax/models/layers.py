@@ -3,7 +3,8 @@
 On XLA:CPU the derivatives of ``lax.conv_general_dilated`` (input and kernel gradients, and their
 derivatives in second-order MAML) run on slow paths; the same convolution written as strided
 slices concatenated into patches and one matrix multiply is ~1.7-1.8x faster for second-order MAML
-on MAML's Conv4 (issue 6), and all of its derivatives are matrix multiplies, pads and slices.
+on MAML's Conv4 (experiments/benchmarks/strategies.md), and all of its derivatives are matrix
+multiplies, pads and slices.
 ``impl="auto"`` uses patches on CPU and XLA's convolution elsewhere (cuDNN on GPU).
 """
 
