@@ -187,8 +187,7 @@ def report(rows, args) -> str:
       "functions (95% CI); time per meta-iteration (median over chunks after compilation); XLA "
       "peak of the meta-gradient program.",
       "",
-      f"Machine: {env['machine']}, {env['cpus']} CPUs, backend {env['backend']}; jax "
-      f"{env['jax']}.",
+      common.machine_line(env) + ".",
       "",
       "| solver | K | t1 | query RMSE (95% CI) | ms / meta-iteration | XLA peak (MB) |",
       "|---|---|---|---|---|---|",

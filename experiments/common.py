@@ -141,6 +141,15 @@ def environment() -> dict:
           "machine": platform.machine()}
 
 
+def machine_line(env: dict, *, diffrax: bool = False) -> str:
+  """``Machine: <arch>, <n> CPUs, backend <b>; jax <v>[, diffrax <v>]`` for a report header."""
+  line = (f"Machine: {env['machine']}, {env['cpus']} CPUs, backend {env['backend']}; "
+          f"jax {env['jax']}")
+  if diffrax:
+    line += f", diffrax {__import__('diffrax').__version__}"
+  return line
+
+
 class JsonLog:
   """Appends one JSON object per line to ``path``."""
 

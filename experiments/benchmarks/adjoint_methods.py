@@ -124,8 +124,7 @@ def main():
   lines = [
       "# Adjoint methods for the gradient-flow solver",
       "",
-      f"Machine: {env['machine']}, {env['cpus']} CPUs, backend {env['backend']}; "
-      f"jax {env['jax']}, diffrax {__import__('diffrax').__version__}.",
+      common.machine_line(env, diffrax=True) + ".",
       "",
       "## Cost vs horizon (MLP 1-256-256-1, float32, Tsit5, rtol = atol = 1e-6, max_steps 4096)",
       "",

@@ -106,8 +106,7 @@ def main():
   lines = [
       "# Meta-gradient error against known answers",
       "",
-      f"Machine: {env['machine']}, {env['cpus']} CPUs, backend {env['backend']}; jax "
-      f"{env['jax']}, diffrax {__import__('diffrax').__version__}. float64.",
+      common.machine_line(env, diffrax=True) + ". float64.",
       "",
       "## Linear regression (closed forms)",
       "",
