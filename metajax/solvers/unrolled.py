@@ -36,18 +36,22 @@ def _step_size_tree(step_size, params: PyTree, dtype, steps: int | None = None) 
       return a.astype(p.dtype)
     return jax.tree_util.tree_map_with_path(check, step_size, params)
   if len(jax.tree.leaves(step_size)) == 1 and not isinstance(step_size, (dict, list, tuple)):
-    if steps is None:
-      a = _common.as_scalar("step_size", step_size, dtype)
-    else:
-      a = jnp.asarray(step_size)
-      if a.shape != lead:
-        raise ValueError(f"step_size has shape {a.shape}; with per_step=True one rate per inner "
-                         f"step needs shape {lead} (steps={steps}), or a pytree like params.")
+    a = (_common.as_scalar("step_size", step_size, dtype) if steps is None
+         else _per_step_array(step_size, steps))
     return jax.tree.map(lambda p: a.astype(p.dtype), params)
   raise ValueError(
       "step_size must be a scalar or a pytree with the same structure as params "
       f"(Meta-SGD); got structure {jax.tree.structure(step_size)} for params "
       f"{jax.tree.structure(params)}.")
+
+
+def _per_step_array(step_size, steps: int) -> jax.Array:
+  """One rate per inner step for every parameter: an array of shape ``(steps,)``."""
+  a = jnp.asarray(step_size)
+  if a.shape != (steps,):
+    raise ValueError(f"step_size has shape {a.shape}; with per_step=True one rate per inner "
+                     f"step needs shape ({steps},), or a pytree like params.")
+  return a
 
 
 def _per_step_list(step_size, per_step: bool):
@@ -100,11 +104,8 @@ class Unrolled(InnerSolver):
     self.step_size = DEFAULT_STEP_SIZE if step_size is None and optimizer is None else step_size
     if self.step_size is not None:
       _check_step_size(self.step_size, per_step)
-      if per_step and not isinstance(self.step_size, (dict, list, tuple)) \
-          and jnp.shape(self.step_size) != (self.steps,):
-        raise ValueError(f"step_size has shape {jnp.shape(self.step_size)}; with per_step=True "
-                         f"one rate per inner step needs shape ({self.steps},), or a pytree "
-                         "like params.")
+      if per_step and not isinstance(self.step_size, (dict, list, tuple)):
+        _per_step_array(self.step_size, self.steps)
     self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
     self.unroll, self.step_aware = unroll, step_aware
     self.hyperparameters = () if optimizer is not None else ("step_size",)

@@ -214,11 +214,11 @@ class Context(_Wrapper):
     if not (isinstance(shape, tuple) and shape and all(is_int(n) and n >= 1 for n in shape)):
       raise ValueError(f"context shape must be a positive int or a tuple of them, got {shape!r}.")
     self.shape = tuple(int(n) for n in shape)
-    self._masked = Masked(solver, {"params": False, "context": True})
 
-  def _bind_loss(self) -> None:
-    super()._bind_loss()
-    self._masked = Masked(self.solver, self._masked.mask)
+  @property
+  def _masked(self) -> Masked:
+    """The solver on ``{'params': ..., 'context': ...}``, adapting the context only."""
+    return Masked(self.solver, {"params": False, "context": True})
 
   def initial(self, params: PyTree) -> PyTree:
     """``{'params': params, 'context': zeros(shape)}``: where every task's adaptation starts."""
