@@ -38,12 +38,12 @@ def _check_optimizer(optimizer) -> None:
 
 
 def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> TrainState:
-  """A fresh :class:`TrainState` for ``meta_params``.
+  """A fresh [`TrainState`][metajax.meta.TrainState] for ``meta_params``.
 
   Python numbers among the meta-parameters (a learned ``reg=2.0``) become arrays of a fixed
   dtype, so the train step never recompiles on weak types.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, metajax
     >>> params = jnp.ones(2, jnp.float32)
     >>> state = metajax.meta.init_train_state({'params': params, 'reg': 2.0}, optax.sgd(0.1))
@@ -63,8 +63,23 @@ def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> Tr
     return x.astype(dtype if weak_float else x.dtype)
   meta_params = jax.tree.map(cast, meta_params)
   _common.params_dtype(meta_params, "meta_params")
-  return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
-                    jnp.zeros((), jnp.int32))
+  state = TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
+                     jnp.zeros((), jnp.int32))
+  return _place_like_meta_params(state)
+
+
+def _place_like_meta_params(state: TrainState) -> TrainState:
+  """Meta-parameters placed on a device (``device_put``) or replicated over a mesh: the rest of
+  the state goes there too, so that the train step's first call and its later calls (whose state
+  comes out of the step, placed) see the same placement and compile once."""
+  placed = {x.sharding for x in jax.tree.leaves(state.meta_params)
+            if isinstance(x, jax.Array) and x.committed}
+  if len(placed) != 1:
+    return state
+  sharding = placed.pop()
+  if not sharding.is_fully_replicated:  # partitioned meta-parameters: leave placement to jit
+    return state
+  return jax.device_put(state, sharding)
 
 
 def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransformation,
@@ -76,13 +91,13 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
     value_and_grad: ``(meta_params, tasks) -> (loss, grads)`` whose loss and
       gradient are means over the tasks, e.g.
       ``jax.value_and_grad(meta_objective(adapt, loss_fn))`` or
-      :func:`reptile_value_and_grad`. A function with the attribute
-      ``takes_meta_iteration = True`` (:func:`maml_plus_plus`) is called
+      [`reptile_value_and_grad`][metajax.meta.reptile_value_and_grad]. A function with the attribute
+      ``takes_meta_iteration = True`` ([`maml_plus_plus`][metajax.meta.maml_plus_plus]) is called
       ``value_and_grad(meta_params, tasks, meta_iteration)`` with the meta-iteration as a
       traced int32, for schedules evaluated on device.
     optimizer: the outer optax optimizer.
     sample_tasks: a task family, ``sample_tasks(key, num_tasks, *data) -> Task``;
-      ``data`` (e.g. class-indexed images for :func:`metajax.tasks.episodes`)
+      ``data`` (e.g. class-indexed images for [`metajax.tasks.episodes`][metajax.tasks.episodes])
       is passed to every ``train_step`` call as a device array, not baked into
       the compiled program.
     meta_batch_size: tasks per meta-iteration (static).
@@ -95,7 +110,7 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
       (dispatched asynchronously; nothing is copied to the host) and their
       means are averaged before the update; compile time then grows with the
       group, not the meta-batch. ``"auto"`` (default): 1 for convolutional
-      models on CPU (XLA convolutions or :mod:`metajax.models.layers` patches),
+      models on CPU (XLA convolutions or ``metajax.models.layers`` patches),
       where one task per program is fastest and compiles in seconds (a whole
       unrolled meta-batch compiles for minutes), else ``None``.
     nonfinite: what a non-finite meta-loss or meta-gradient does:
@@ -112,7 +127,7 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
     a fixed ``key`` the run is the same however iterations are grouped into
     calls (and after resuming from a checkpoint).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
@@ -165,7 +180,8 @@ def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
 
 
 class _TrainStep:
-  """The callable :func:`make_train_step` returns (one program, or per-group dispatch)."""
+  """The callable [`make_train_step`][metajax.meta.make_train_step] returns (one program, or
+  per-group dispatch)."""
 
   def __init__(self, value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
                tasks_per_call, nonfinite):
