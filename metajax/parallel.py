@@ -8,13 +8,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+__all__ = ["TASK_AXIS", "replicated", "shard_tasks", "task_mesh", "task_sharding"]
+
 TASK_AXIS = "tasks"
 
 
 def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named ``"tasks"`` over ``devices`` (default: all devices).
 
-  Example:
+  Examples:
     >>> from metajax.parallel import task_mesh
     >>> task_mesh().axis_names
     ('tasks',)
@@ -29,12 +31,30 @@ def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def task_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding that splits the leading (task) axis over the mesh."""
+  """Sharding that splits the leading (task) axis over the mesh.
+
+  Use it inside ``jit`` where tasks are sampled on device:
+  ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))``; outside, see
+  [`shard_tasks`][metajax.parallel.shard_tasks].
+
+  Examples:
+    >>> from metajax.parallel import task_mesh, task_sharding
+    >>> tuple(task_sharding(task_mesh()).spec)
+    ('tasks',)
+  """
   return NamedSharding(mesh, PartitionSpec(TASK_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Sharding that replicates an array (meta-parameters) on every device."""
+  """Sharding that replicates an array (meta-parameters) on every device.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from metajax.parallel import replicated, task_mesh
+    >>> theta = jax.device_put(jnp.zeros(3), replicated(task_mesh()))
+    >>> theta.sharding.is_fully_replicated
+    True
+  """
   return NamedSharding(mesh, PartitionSpec())
 
 
@@ -45,7 +65,7 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
   (where tasks are sampled on device) use
   ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` instead.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.parallel import shard_tasks, task_mesh
     >>> import jax

@@ -1,6 +1,7 @@
 """Task interpolation (MLTI, Yao et al. 2021): new tasks as convex combinations of two tasks.
 
-Re-exported as :func:`metajax.tasks.mix_tasks` and :func:`metajax.tasks.interpolate`.
+Re-exported as [`metajax.tasks.mix_tasks`][metajax.tasks.mix_tasks] and
+[`metajax.tasks.interpolate`][metajax.tasks.interpolate].
 """
 
 from __future__ import annotations
@@ -38,16 +39,16 @@ def mix_tasks(key, tasks: Task, *, alpha: float = 0.5) -> Task:
   same ``lam`` throughout the task. Integer leaves (class labels) are kept: MLTI's
   non-label-sharing interpolation pairs class ``k`` of one task with class ``k`` of the other,
   so the labels must agree position by position, as they do for
-  :func:`~metajax.tasks.episodes` (examples grouped by class); where they differ it raises at
+  [`episodes`][metajax.tasks.episodes] (examples grouped by class); where they differ it raises at
   run time. Mixing happens on the inputs (MLTI also mixes hidden features; this is its
   input-level form) and runs on device, inside ``jit``.
 
   Args:
     key: a PRNG key.
-    tasks: a :class:`~metajax.tasks.Task` batch with a leading task axis of at least 2.
+    tasks: a [`Task`][metajax.tasks.Task] batch with a leading task axis of at least 2.
     alpha: the Beta distribution's parameter (MLTI: 0.5 to 2).
 
-  Example:
+  Examples:
     >>> import jax, metajax
     >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 4)
     >>> mixed = metajax.tasks.mix_tasks(jax.random.key(1), tasks)
@@ -101,13 +102,16 @@ def mix_tasks(key, tasks: Task, *, alpha: float = 0.5) -> Task:
 
 
 def interpolate(family: Callable, *, alpha: float = 0.5) -> Callable:
-  """A task family whose tasks are MLTI interpolations of ``family``'s (see :func:`mix_tasks`).
+  """A task family whose tasks are MLTI interpolations of ``family``'s (see
+  [`mix_tasks`][metajax.tasks.mix_tasks]).
 
   ``sample(key, num_tasks, *data)`` draws ``num_tasks`` tasks from ``family`` with
-  ``split(key)[0]`` and mixes them with :func:`mix_tasks` under ``split(key)[1]``: a drop-in
-  ``sample_tasks`` for :func:`metajax.meta.make_train_step` (meta-batches of at least 2).
+  ``split(key)[0]`` and mixes them with [`mix_tasks`][metajax.tasks.mix_tasks] under
+  ``split(key)[1]``: a drop-in
+  ``sample_tasks`` for [`metajax.meta.make_train_step`][metajax.meta.make_train_step] (meta-batches
+  of at least 2).
 
-  Example:
+  Examples:
     >>> import jax, metajax
     >>> sample = metajax.tasks.interpolate(metajax.tasks.sinusoid(), alpha=2.0)
     >>> sample(jax.random.key(0), 3).query[1].shape

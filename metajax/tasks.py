@@ -151,7 +151,7 @@ def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_qu
     TypeError, ValueError: naming the argument, for any of the above that does not hold
       (``target_fn``'s output shape and ``num_tasks`` are checked when ``sample`` runs).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.tasks import regression_family
     >>> sample = regression_family(lambda x, a: a * x, {'a': (1.0, 2.0)},
@@ -204,7 +204,7 @@ def regression_family(target_fn, param_ranges: dict, *, num_support: int, num_qu
 def sinusoid(*, num_support: int = 10, num_query: int = 10, dtype=jnp.float32):
   """MAML's sinusoid family: amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5].
 
-  Example:
+  Examples:
     >>> import jax
     >>> from metajax.tasks import sinusoid
     >>> tasks = sinusoid(num_support=10)(jax.random.key(0), 25)
@@ -223,7 +223,7 @@ def cos_mixture(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float
   ``c`` in U[0.1, 1], ``p`` in U[0.5, 2], ``f`` in U[3, 6], ``x`` in U[-1, 1]
   (Li et al. 2021, arXiv 2110.08432).
 
-  Example:
+  Examples:
     >>> import jax
     >>> from metajax.tasks import cos_mixture
     >>> cos_mixture(num_support=10, num_query=10)(jax.random.key(0), 4).support[1].shape
@@ -238,9 +238,9 @@ def cos_mixture(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float
 def cos_mixture2d(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float32):
   """A-MAML's CosMixture2D: ``y = -c sum_d cos(f pi x_d + p) - sum_d x_d^2`` on ``[-1, 1]^2``.
 
-  ``c``, ``p``, ``f`` as in :func:`cos_mixture` (shared by both coordinates).
+  ``c``, ``p``, ``f`` as in [`cos_mixture`][metajax.tasks.cos_mixture] (shared by both coordinates).
 
-  Example:
+  Examples:
     >>> import jax
     >>> from metajax.tasks import cos_mixture2d
     >>> cos_mixture2d(num_support=10, num_query=10)(jax.random.key(0), 4).support[0].shape
@@ -261,7 +261,7 @@ def alpine2d(*, num_support: int = 100, num_query: int = 100, dtype=jnp.float32)
   both coordinates). Inputs span [-10, 10]: standardize them for a tanh network
   (``experiments/amaml.py`` does, as A-MAML's code does).
 
-  Example:
+  Examples:
     >>> import jax
     >>> from metajax.tasks import alpine2d
     >>> alpine2d(num_support=10, num_query=10)(jax.random.key(0), 4).query[1].shape
@@ -310,7 +310,7 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
       ``num_tasks``, ``key`` or ``images``) and what was wrong; ``images`` is checked when
       ``sample`` runs (rank 5, floating or uint8, enough classes and examples).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.tasks import episodes
     >>> images = jnp.zeros((10, 6, 8, 8, 1), jnp.uint8)
@@ -376,7 +376,7 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
     TypeError, ValueError: naming the argument; ``images`` (rank 5, floating or uint8, no
       empty axis) is checked when ``sample`` runs.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.tasks import class_batches
     >>> x, labels = class_batches(batch_size=4)(jax.random.key(0), jnp.zeros((3, 5, 8, 8, 1)))
@@ -404,3 +404,6 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
 
 
 from metajax.task_interpolation import interpolate, mix_tasks  # noqa: E402, F401  (uses Task)
+
+__all__ = ["Task", "alpine2d", "class_batches", "cos_mixture", "cos_mixture2d", "episodes",
+           "interpolate", "mix_tasks", "regression_family", "sinusoid"]

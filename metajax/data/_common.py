@@ -11,7 +11,7 @@ import numpy as np
 def check_positive_int(name: str, value) -> int:
   """Returns ``value`` as an int if it is an integer >= 1; otherwise raises, naming ``name``.
 
-  Example:
+  Examples:
     >>> from metajax.data._common import check_positive_int
     >>> check_positive_int("image_size", 0)
     Traceback (most recent call last):
@@ -58,7 +58,7 @@ def group_by_class(images, labels, *, per_class: int | None = None,
     ValueError: a length mismatch, no examples, or a class of the wrong size (the message names
       the class and how many examples it has).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from metajax.data._common import group_by_class
     >>> group_by_class(np.arange(4), np.array(["b", "a", "b", "a"])).tolist()

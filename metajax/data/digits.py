@@ -44,7 +44,7 @@ def load_digits(train_classes: Sequence[int] = (0, 1, 2, 3, 4),
     TypeError, ValueError: a class list that is not a non-empty sequence of distinct ints in
       0..9, or classes in both lists; the message names the argument.
 
-  Example:
+  Examples:
     >>> from metajax.data import load_digits
     >>> load_digits()['train'].shape
     (5, 174, 8, 8, 1)

@@ -68,7 +68,7 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
       different numbers of images, an unreadable image or cache file; the message names
       the argument or file.
 
-  Example:
+  Examples:
     >>> from metajax.data import load_miniimagenet
     >>> data = load_miniimagenet("~/data/miniimagenet", splits=("test",))  # doctest: +SKIP
   """

@@ -4,9 +4,11 @@ Nothing is downloaded. Two routes:
 
 1. **Direct (pillow only).** Place ``images_background.zip`` and
    ``images_evaluation.zip`` (github.com/brendenlake/omniglot, ``python/``) in a
-   folder and call :func:`load_omniglot_zips`. Their sizes and sha256 sums are
-   in :data:`OMNIGLOT_ARCHIVES` and are checked.
-2. **tensorflow-datasets.** Place all four archives of :data:`OMNIGLOT_ARCHIVES`
+   folder and call [`load_omniglot_zips`][metajax.data.load_omniglot_zips]. Their sizes and sha256
+   sums are
+   in [`OMNIGLOT_ARCHIVES`][metajax.data.OMNIGLOT_ARCHIVES] and are checked.
+2. **tensorflow-datasets.** Place all four archives of
+[`OMNIGLOT_ARCHIVES`][metajax.data.OMNIGLOT_ARCHIVES]
    in tfds's manual directory (default ``~/tensorflow_datasets/downloads/manual/``)
    and prepare once where TensorFlow is installed
    (``pip install tensorflow-datasets tensorflow-cpu importlib_resources``)::
@@ -15,7 +17,7 @@ Nothing is downloaded. Two routes:
      tfds.builder("omniglot", data_dir=D, file_format="array_record").download_and_prepare(
          download_config=tfds.download.DownloadConfig(manual_dir=ZIPS))
 
-   Reading needs no TensorFlow: :func:`load_omniglot_tfds` uses
+   Reading needs no TensorFlow: [`load_omniglot_tfds`][metajax.data.load_omniglot_tfds] uses
    ``tfds.data_source(..., download=False)`` (``pip install 'metajax[tfds]'``).
 
 Either way images are resized to 28x28 (Lanczos), inverted (strokes bright),
@@ -69,7 +71,7 @@ def vinyals_split(by_character: np.ndarray, num_train: int = 1200) -> dict[str, 
   Raises:
     ValueError: ``by_character`` is not 4-D, or ``num_train`` leaves no character for one split.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from metajax.data import vinyals_split
     >>> split = vinyals_split(np.zeros((10, 20, 28, 28), np.uint8), num_train=6)
@@ -89,7 +91,8 @@ def vinyals_split(by_character: np.ndarray, num_train: int = 1200) -> dict[str, 
 
 
 def _check_archive(path: str) -> None:
-  """Compares ``path``'s size, then its sha256, with :data:`OMNIGLOT_ARCHIVES`."""
+  """Compares ``path``'s size, then its sha256, with
+  [`OMNIGLOT_ARCHIVES`][metajax.data.OMNIGLOT_ARCHIVES]."""
   size, digest = OMNIGLOT_ARCHIVES[os.path.basename(path)]
   actual_size = os.path.getsize(path)
   if actual_size != size:
@@ -141,7 +144,8 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
     directory: folder holding ``images_background.zip`` and ``images_evaluation.zip``.
     image_size: output height and width.
     num_train: characters in the meta-training split (Vinyals: 1200).
-    verify: check each archive's size and sha256 against :data:`OMNIGLOT_ARCHIVES`.
+    verify: check each archive's size and sha256 against
+      [`OMNIGLOT_ARCHIVES`][metajax.data.OMNIGLOT_ARCHIVES].
     cache: save the decoded ``(characters, drawers, H, W)`` array, before the split, as
       ``omniglot_<size>.npz`` in ``directory`` and reuse it (for any ``num_train``).
 
@@ -154,7 +158,7 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
       cannot be read, characters with different numbers of drawings, or an unreadable cache
       file; the message names the argument or file.
 
-  Example:
+  Examples:
     >>> from metajax.data import load_omniglot_zips
     >>> data = load_omniglot_zips("~/data/omniglot")  # doctest: +SKIP
   """
@@ -187,9 +191,10 @@ def load_omniglot_tfds(data_dir: str | None = None, *, image_size: int = 28,
   """Omniglot prepared by tensorflow-datasets (array_record), read without TensorFlow.
 
   Reads both tfds splits with ``tfds.data_source('omniglot', download=False)``,
-  groups drawings by global character label and applies :func:`vinyals_split`.
+  groups drawings by global character label and applies
+  [`vinyals_split`][metajax.data.vinyals_split].
 
-  Example:
+  Examples:
     >>> from metajax.data import load_omniglot_tfds
     >>> data = load_omniglot_tfds("~/tensorflow_datasets")  # doctest: +SKIP
   """

@@ -19,7 +19,7 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
 
   The normal approximation is ~29% too narrow for 5 values (Student's t); use >= 30 tasks.
 
-  Example:
+  Examples:
     >>> from metajax.meta import confidence_interval
     >>> mean, half = confidence_interval([1.0, 2.0, 3.0])
     >>> round(mean, 3), round(half, 3)
@@ -51,10 +51,11 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
                    task_batching: str = "auto"):
   """``evaluate(params, tasks) -> per-task metrics``, compiled once for these functions.
 
-  Calling it again (or :func:`evaluate_per_task` with the same ``adapt`` and ``metric_fn``)
+  Calling it again (or [`evaluate_per_task`][metajax.meta.evaluate_per_task] with the same ``adapt``
+  and ``metric_fn``)
   reuses the compiled program: evaluation during training costs no recompilation.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
@@ -93,7 +94,7 @@ def evaluate_per_task(adapt: Callable, metric_fn: Callable, params, tasks: Task,
                       chunk: int = 25, task_batching: str = "auto"):
   """``metric_fn(adapt(params, support), query)`` for every task, ``chunk`` tasks per jitted call.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
@@ -109,7 +110,7 @@ def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
              task_batching: str = "auto") -> tuple[float, float]:
   """Mean and confidence half-width over tasks of ``metric_fn(adapt(params, support), query)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)

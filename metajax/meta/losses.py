@@ -24,7 +24,7 @@ def mse_loss(apply_fn: Callable) -> Callable:
   Predictions and targets must have the same shape (no silent broadcasting of ``(n,)``
   targets against ``(n, 1)`` predictions).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.meta import mse_loss
     >>> loss = mse_loss(lambda p, x: p * x)
@@ -62,7 +62,7 @@ def cross_entropy_loss(apply_fn: Callable) -> Callable:
   Labels must be integers in ``[0, num_classes)`` with the logits' leading shape; an
   out-of-range label raises (at run time under ``jit``), never wraps around or gives NaN.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.meta import cross_entropy_loss
     >>> loss = cross_entropy_loss(lambda p, x: x @ p)
@@ -80,7 +80,7 @@ def cross_entropy_loss(apply_fn: Callable) -> Callable:
 def accuracy(apply_fn: Callable) -> Callable:
   """``metric(params, (x, labels))`` = fraction of argmax predictions equal to the labels.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.meta import accuracy
     >>> float(accuracy(lambda p, x: x)(None, (jnp.eye(3), jnp.array([0, 1, 1]))))

@@ -1,8 +1,10 @@
 """MAML++ (Antoniou et al. 2019): the multi-step loss, its annealing, derivative-order annealing.
 
 Per-layer, per-step learned inner step sizes (LSLR) are ``unrolled(..., per_step=True)`` with
-``learn=("step_size",)`` (:func:`lslr_step_sizes` builds the initial tree); per-step batch norm is
-``Conv4(norm="per_step")`` with ``step_aware=True`` and :func:`metajax.models.select_step`.
+``learn=("step_size",)`` ([`lslr_step_sizes`][metajax.meta.lslr_step_sizes] builds the initial
+tree); per-step batch norm is
+``Conv4(norm="per_step")`` with ``step_aware=True`` and
+[`metajax.models.select_step`][metajax.models.select_step].
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from metajax.meta.objectives import task_mean
 from metajax.solvers import _common
-from metajax.solvers.unrolled import Unrolled
+from metajax.solvers._unrolled import Unrolled
 from metajax.solvers.wrappers import _takes_positional
 
 
@@ -33,19 +35,21 @@ def multi_step_objective(adapt: Unrolled, loss_fn: Callable, *,
   """MAML++'s multi-step loss: a weighted sum of the query losses after every inner step.
 
   Args:
-    adapt: an :func:`~metajax.solvers.unrolled` solver with ``K`` steps. With
+    adapt: an [`unrolled`][metajax.solvers.unrolled] solver with ``K`` steps. With
       ``step_aware=True`` the query loss after step ``k`` (0-based) is
       ``loss_fn(phi_k, query, k)``, as MAML++ evaluates it with step ``k``'s batch norm.
     loss_fn: the query loss, ``loss_fn(params, batch)``.
-    learn, task_batching: as in :func:`~metajax.meta.meta_objective`.
+    learn: as in [`meta_objective`][metajax.meta.meta_objective].
+    task_batching: as in [`meta_objective`][metajax.meta.meta_objective].
 
   Returns:
     ``objective(meta_params, tasks, step_weights)``: the mean over tasks of
     ``sum_k step_weights[k] * loss_fn(phi_k, query)``, ``step_weights`` a ``(K,)`` array (a
-    call argument, so an annealed schedule never recompiles; :func:`msl_weights`). With
-    weights ``(0, ..., 0, 1)`` it equals :func:`~metajax.meta.meta_objective`.
+    call argument, so an annealed schedule never recompiles;
+    [`msl_weights`][metajax.meta.msl_weights]). With
+    weights ``(0, ..., 0, 1)`` it equals [`meta_objective`][metajax.meta.meta_objective].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=3, step_size=0.1)
@@ -92,7 +96,7 @@ def msl_weights(steps: int, meta_iteration, anneal_iterations: int) -> jax.Array
     meta_iteration: the current meta-iteration (an int or a traced int scalar).
     anneal_iterations: how long the multi-step loss lasts (a positive int).
 
-  Example:
+  Examples:
     >>> import metajax
     >>> metajax.meta.msl_weights(4, 0, 100).tolist()
     [0.25, 0.25, 0.25, 0.25]
@@ -122,7 +126,7 @@ def lslr_step_sizes(params, steps: int, value: float) -> dict:
   """Initial per-layer, per-step step sizes (LSLR): every leaf of ``params`` gets
   ``value * ones(steps)``, for ``unrolled(..., per_step=True)`` and ``learn=("step_size",)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, metajax
     >>> metajax.meta.lslr_step_sizes({'w': jnp.ones((3, 2))}, 2, 0.5)['w'].tolist()
     [0.5, 0.5]
@@ -140,24 +144,26 @@ def maml_plus_plus(adapt: Unrolled, loss_fn: Callable, *, msl_iterations: int,
   """MAML++'s meta-gradient: the annealed multi-step loss and derivative-order annealing.
 
   Args:
-    adapt: an :func:`~metajax.solvers.unrolled` solver (second order; for LSLR build it with
+    adapt: an [`unrolled`][metajax.solvers.unrolled] solver (second order; for LSLR build it with
       ``per_step=True`` and learn ``"step_size"``; for per-step batch norm, ``step_aware``).
     loss_fn: the query loss.
-    msl_iterations: meta-iterations with the multi-step loss (:func:`msl_weights`); then only
-      the final step's query loss.
+    msl_iterations: meta-iterations with the multi-step loss
+      ([`msl_weights`][metajax.meta.msl_weights]); then only the final step's query loss.
     first_order_iterations: meta-iterations run first order (``first_order=True``) before
       switching to second order (MAML++'s code switches at epoch 80 of 150). ``0``: always
       second order.
-    learn, task_batching: as in :func:`~metajax.meta.meta_objective`.
+    learn: as in [`meta_objective`][metajax.meta.meta_objective].
+    task_batching: as in [`meta_objective`][metajax.meta.meta_objective].
 
   Returns:
     ``value_and_grad(meta_params, tasks, meta_iteration) -> (loss, grads)``, marked
-    ``takes_meta_iteration = True`` so that :func:`~metajax.meta.make_train_step` passes the
+    ``takes_meta_iteration = True`` so that [`make_train_step`][metajax.meta.make_train_step] passes
+    the
     meta-iteration (``jax.jit`` keeps the mark; a ``functools.partial`` or a decorator of your
     own must copy it). The schedule is evaluated on device: one compilation for the whole run
     (both derivative orders are compiled, one runs per iteration).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=2, step_size=0.1)

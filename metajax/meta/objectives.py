@@ -54,7 +54,7 @@ def _split(meta_params, learned: dict):
 
 
 def check_tasks(tasks) -> int:
-  """Validates a batch of tasks (a :class:`~metajax.tasks.Task` with a leading task axis);
+  """Validates a batch of tasks (a [`Task`][metajax.tasks.Task] with a leading task axis);
   returns the number of tasks."""
   if not isinstance(tasks, Task):
     raise TypeError(f"tasks must be a metajax.tasks.Task(support, query) with a leading task "
@@ -109,14 +109,15 @@ def meta_objective(adapt: Callable, loss_fn: Callable, *,
       positive under any update), ``"softplus"`` likewise, ``"identity"`` the value itself.
     task_batching: how tasks are mapped: ``"vmap"``, ``"unroll"`` (a Python
       loop over tasks inside the jitted program), ``"map"`` (``lax.map``), or
-      ``"auto"`` (see :func:`metajax.solvers.choose_task_batching`). The
+      ``"auto"`` (see
+      [`metajax.solvers.choose_task_batching`][metajax.solvers.choose_task_batching]). The
       numerics are the same either way.
 
   Returns:
     ``objective(meta_params, tasks) -> scalar`` where ``tasks`` is a
-    :class:`~metajax.tasks.Task` with a leading task axis.
+    [`Task`][metajax.tasks.Task] with a leading task axis.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=1, step_size=0.1)
@@ -163,7 +164,7 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching:
   ``theta <- theta + epsilon * (phi - theta)``. The loss returned is the mean
   query loss after adaptation (for logging).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = metajax.meta.mse_loss(lambda p, x: p * x)
     >>> adapt = metajax.solvers.unrolled(loss, steps=5, step_size=0.1)

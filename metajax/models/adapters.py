@@ -14,7 +14,7 @@ def from_nnx(module) -> tuple[Any, Callable]:
   Non-parameter state (e.g. batch-norm running statistics) stays fixed inside
   ``apply_fn``; ``params`` is a pytree that every solver can adapt.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from metajax.models import from_nnx
@@ -44,7 +44,7 @@ def from_equinox(module, *, batched: bool = True) -> tuple[Any, Callable]:
     module: an ``equinox.Module`` (called on one example, as equinox layers are).
     batched: ``apply_fn`` maps the module over the leading axis of its input.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, equinox as eqx
     >>> from metajax.models import from_equinox
     >>> params, apply_fn = from_equinox(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
@@ -74,14 +74,15 @@ def with_context(apply_fn: Callable, *, keyword: str | None = None) -> Callable:
   """CAVIA's model: ``apply_fn`` given a context vector, concatenated to every input by default.
 
   Returns ``apply(p, x) = apply_fn(p['params'], concat([x, context], axis=-1))`` where
-  ``p = {'params': ..., 'context': c}`` (as :func:`metajax.solvers.context` returns) and ``c``
+  ``p = {'params': ..., 'context': c}`` (as [`metajax.solvers.context`][metajax.solvers.context]
+  returns) and ``c``
   (shape ``(d,)``) is broadcast over the leading axes of ``x``: the network's first layer takes
   ``x.shape[-1] + d`` inputs. With ``keyword``, the context is passed to the network instead,
   ``apply_fn(p['params'], x, **{keyword: c})``, e.g. ``keyword="context"`` for
   ``Conv4(..., context=d)``, which modulates its blocks by FiLM (an input-level context would
   be cancelled by batch norm).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, metajax
     >>> apply_fn = metajax.models.with_context(lambda w, x: x @ w)
     >>> p = {'params': jnp.ones((3, 1)), 'context': jnp.array([1.0, 2.0])}

@@ -1,7 +1,8 @@
 """Batch norm in the inner loop: per-step parameters (MAML++), stored statistics, frozen statistics.
 
-Utilities over the parameters of :class:`metajax.models.Conv4` / :class:`ResNet12` built with
-``norm="per_step"`` or ``norm="frozen"`` (see :mod:`metajax.models.conv`).
+Utilities over the parameters of [`metajax.models.Conv4`][metajax.models.Conv4] /
+[`ResNet12`][metajax.models.ResNet12] built with
+``norm="per_step"`` or ``norm="frozen"`` (see ``metajax.models.conv``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _per_step_rows(tree, found: list) -> None:
 
 
 def _is_per_step_layer(node) -> bool:
-  """A ``norm="per_step"`` :class:`BatchNorm`: 2-D ``scale`` and ``bias`` of one shape."""
+  """A ``norm="per_step"`` [`BatchNorm`][metajax.models.BatchNorm]: 2-D ``scale`` and ``bias`` of
+  one shape."""
   scale, bias = node.get("scale"), node.get("bias")
   return (getattr(scale, "ndim", None) == 2 and getattr(bias, "ndim", None) == 2
           and scale.shape == bias.shape)
@@ -54,7 +56,7 @@ def select_step(params, step: int | jax.Array):
   Out-of-range steps:
 
   - a Python (or NumPy) int outside ``[0, num_steps)`` raises ``ValueError``;
-  - a ``jax.Array`` step (traced, as in :func:`metajax.solvers.unrolled` with
+  - a ``jax.Array`` step (traced, as in [`metajax.solvers.unrolled`][metajax.solvers.unrolled] with
     ``step_aware=True``, or concrete) is clamped to ``[0, num_steps - 1]``: steps past the
     last entry use the last one, as MAML++ does when it evaluates the query set after the
     final inner step. The result is the same with or without ``jit``.
@@ -68,7 +70,7 @@ def select_step(params, step: int | jax.Array):
       ``num_steps``, or an int ``step`` is out of range.
     TypeError: ``step`` is not an integer scalar.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models import Conv4, init_model, select_step
     >>> params, apply_fn = init_model(Conv4(5, filters=4, norm="per_step", num_steps=3),
@@ -111,10 +113,11 @@ def calibrate_batch_stats(params, apply_fn: Callable | None, images, *,
 
   Args:
     params: parameters of a model built with ``norm="frozen"``.
-    apply_fn: the ``apply_fn`` of :func:`init_model`, which carries the module; may be
-      ``None`` (or a wrapped function) when ``module`` is given.
+    apply_fn: the ``apply_fn`` of [`init_model`][metajax.models.init_model], which carries the
+      module; may be ``None`` (or a wrapped function) when ``module`` is given.
     images: a batch ``(N, H, W, C)`` of floating-point images, scaled as in training
-      (uint8 images are rejected: :func:`metajax.tasks.episodes` scales them to [0, 1]).
+      (uint8 images are rejected: [`metajax.tasks.episodes`][metajax.tasks.episodes] scales them to
+      [0, 1]).
     module: the flax module behind ``params`` (overrides ``apply_fn.module``).
 
   Returns:
@@ -124,7 +127,7 @@ def calibrate_batch_stats(params, apply_fn: Callable | None, images, *,
     TypeError, ValueError: no module is available, the module has no ``norm="frozen"``
       layers, ``params`` stores no statistics, or ``images`` is not a floating rank-4 batch.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models import Conv4, init_model, calibrate_batch_stats
     >>> module = Conv4(5, filters=4, norm="frozen")
@@ -184,7 +187,7 @@ def freeze_batch_stats(optimizer: optax.GradientTransformation) -> optax.Gradien
   (``optax.multi_transform``); it works for the outer optimizer and for an inner ``optax``
   optimizer, and for Meta-SGD's ``{"params", "step_size"}`` pytrees too.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from metajax.models import freeze_batch_stats
     >>> params = {"BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.zeros(2),

@@ -7,15 +7,17 @@ Batch-norm modes (``norm=``):
   with its own statistics).
 - ``"frozen"``: normalize with stored statistics held in ``params`` under
   ``mean``/``var`` and excluded from gradients (``stop_gradient``); set them
-  from data with :func:`calibrate_batch_stats`. Their gradient is zero, so plain
+  from data with [`calibrate_batch_stats`][metajax.models.calibrate_batch_stats]. Their gradient is
+  zero, so plain
   gradient descent never moves them, but they are leaves of the trainable pytree:
   an optimizer whose update does not come from the gradient alone (weight decay:
   ``optax.adamw``, ``add_decayed_weights``) *does* move them. Wrap such an
   optimizer (outer, or an inner ``optax`` optimizer) in
-  :func:`freeze_batch_stats` to keep them fixed.
+  [`freeze_batch_stats`][metajax.models.freeze_batch_stats] to keep them fixed.
 - ``"per_step"``: MAML++'s per-step batch norm: ``scale``/``bias`` have a
   leading axis of ``num_steps`` entries (shape ``(num_steps, features)``) and the
-  statistics are those of the current batch; :func:`select_step` picks the entry
+  statistics are those of the current batch; [`select_step`][metajax.models.select_step] picks the
+  entry
   for inner step ``k``.
 - ``"none"``: no normalization.
 """
@@ -54,14 +56,14 @@ def _check_conv_impl(owner: str, conv_impl) -> None:
 
 
 class BatchNorm(nn.Module):
-  """Batch norm over all axes but the last, in one of :data:`NORM_MODES`.
+  """Batch norm over all axes but the last, in one of [`NORM_MODES`][metajax.models.NORM_MODES].
 
   With ``mode="frozen"`` the stored ``mean``/``var`` are entries of ``params`` that receive no
   gradient; weight decay still moves them unless the optimizer is wrapped in
-  :func:`freeze_batch_stats` (see the module docstring).
+  [`freeze_batch_stats`][metajax.models.freeze_batch_stats] (see the module docstring).
 
   Attributes:
-    mode: one of :data:`NORM_MODES`.
+    mode: one of [`NORM_MODES`][metajax.models.NORM_MODES].
     num_steps: rows of per-step ``scale``/``bias`` (``mode="per_step"`` only).
     epsilon: added to the variance (finite, > 0).
   """
@@ -103,7 +105,7 @@ class Conv4(nn.Module):
     num_steps: entries of per-step batch-norm parameters (``norm="per_step"``).
     blocks: number of conv blocks (4 in the paper; fewer for tiny images).
     conv_impl: ``"auto"`` (patches @ kernel on CPU, XLA's convolution elsewhere),
-      ``"lax"`` or ``"patches"``; see :mod:`metajax.models.layers`. Same parameters.
+      ``"lax"`` or ``"patches"``; see ``metajax.models.layers``. Same parameters.
     context: length of a CAVIA context vector (0: none). The network is then called
       ``apply_fn(params, x, context=c)`` and every block's batch-normalized features are
       modulated by FiLM, ``x * (1 + gamma) + beta`` with ``(gamma, beta)`` a linear map of ``c``
@@ -111,10 +113,12 @@ class Conv4(nn.Module):
       classifier). A context fed to the input
       instead would be cancelled by the first batch norm (a constant per channel).
 
-  Every attribute is checked when the module is initialized (:func:`init_model`): positive
+  Every attribute is checked when the module is initialized
+  ([`init_model`][metajax.models.init_model]): positive
   ints, known ``norm`` and ``conv_impl`` names, and images large enough for ``blocks``
   max-pooled blocks (at least ``2 ** blocks`` pixels a side unless ``strided``). With
-  ``norm="frozen"`` the stored statistics are trainable leaves: see :func:`freeze_batch_stats`.
+  ``norm="frozen"`` the stored statistics are trainable leaves: see
+  [`freeze_batch_stats`][metajax.models.freeze_batch_stats].
   """
 
   num_classes: int
@@ -210,9 +214,10 @@ class ResNet12(nn.Module):
     widths: filters of the four blocks.
     norm: batch-norm mode.
     num_steps: entries of per-step batch-norm parameters.
-    conv_impl: as :class:`Conv4`'s.
+    conv_impl: as [`Conv4`][metajax.models.Conv4]'s.
 
-  Every attribute is checked when the module is initialized (:func:`init_model`).
+  Every attribute is checked when the module is initialized
+  ([`init_model`][metajax.models.init_model]).
   """
 
   num_classes: int
@@ -264,20 +269,22 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
   """Initializes a flax module for NHWC inputs of ``input_shape``; returns ``(params, apply_fn)``.
 
   Args:
-    module: a ``flax.linen`` module taking a batch of NHWC images (e.g. :class:`Conv4`).
+    module: a ``flax.linen`` module taking a batch of NHWC images (e.g.
+      [`Conv4`][metajax.models.Conv4]).
     key: PRNG key for the initialization.
     input_shape: ``(H, W, C)`` of one image (positive ints).
     dtype: floating-point dtype of the dummy input used to initialize.
 
   Returns:
     ``(params, apply_fn)`` with ``apply_fn(params, x)`` for ``x`` of shape ``(N, H, W, C)``;
-    ``apply_fn.module`` is ``module`` (read by :func:`calibrate_batch_stats`).
+    ``apply_fn.module`` is ``module`` (read by
+    [`calibrate_batch_stats`][metajax.models.calibrate_batch_stats]).
 
   Raises:
     TypeError, ValueError: naming the argument or the module attribute that is wrong (the
-      module's own ``check``, e.g. :meth:`Conv4.check`, runs first).
+      module's own ``check``, e.g. ``Conv4.check``, runs first).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models import Conv4, init_model
     >>> params, apply_fn = init_model(Conv4(num_classes=5, filters=8), jax.random.key(0),

@@ -38,9 +38,10 @@ def conv_patches(x, kernel, strides: tuple[int, int] = (1, 1), padding: str = "S
 
   Equals ``lax.conv_general_dilated(x, kernel, strides, padding,
   dimension_numbers=("NHWC", "HWIO", "NHWC"))``. It is a named ``jit`` (inlined
-  when compiled) so that :func:`metajax.solvers.uses_convolution` can find it.
+  when compiled) so that [`metajax.solvers.uses_convolution`][metajax.solvers.uses_convolution] can
+  find it.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models.layers import conv_patches
     >>> x, k = jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
@@ -93,7 +94,7 @@ class Conv(nn.Module):
     padding: ``"SAME"`` or ``"VALID"``.
     use_bias: add a learned bias.
     impl: ``"auto"``, ``"lax"`` (``lax.conv_general_dilated``) or ``"patches"``
-      (:func:`conv_patches`); the parameters and the numbers are the same.
+      (``conv_patches``); the parameters and the numbers are the same.
     kernel_init: kernel initializer (flax's default: LeCun normal).
     param_dtype: parameter dtype at initialization (float32, as flax's).
   """

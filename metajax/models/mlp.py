@@ -57,24 +57,25 @@ def _check_features(features, name: str = "features") -> tuple[int, ...]:
 
 
 def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *,
-             activation: Callable = nn.relu, kernel_init: Callable | None = None,
+             activation: Callable | None = None, kernel_init: Callable | None = None,
              dtype=jnp.float32):
-  """Initializes an :class:`MLP`; returns ``(params, apply_fn)``.
+  """Initializes an [`MLP`][metajax.models.MLP]; returns ``(params, apply_fn)``.
 
   Args:
     key: PRNG key for the initialization.
     in_features: input width.
     features: hidden widths followed by the output width.
-    activation: nonlinearity between layers.
+    activation: nonlinearity between layers; ``None`` is ReLU (``flax.linen.relu``), MAML's.
     kernel_init: weight initializer; ``None`` is flax's LeCun normal. MAML's sinusoid code uses
-      :data:`MAML_KERNEL_INIT` (truncated normal, standard deviation 0.01). Biases start at zero.
+      [`MAML_KERNEL_INIT`][metajax.models.MAML_KERNEL_INIT] (truncated normal, standard deviation
+      0.01). Biases start at zero.
     dtype: parameter dtype.
 
   Raises:
     TypeError, ValueError: naming the argument (``in_features``, ``features[i]``,
       ``activation``, ``kernel_init`` or ``dtype``) and what was wrong.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.models import make_mlp
     >>> params, apply_fn = make_mlp(jax.random.key(0))
@@ -84,6 +85,7 @@ def make_mlp(key, in_features: int = 1, features: Sequence[int] = (40, 40, 1), *
   _common.check_positive_int("in_features", in_features)
   _check_key(key)
   features = _check_features(features)
+  activation = nn.relu if activation is None else activation
   _common.check_callable("activation", activation)
   if kernel_init is not None:
     _common.check_callable("kernel_init", kernel_init)

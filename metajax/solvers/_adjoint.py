@@ -50,7 +50,8 @@ def _in_normalized_time(controller, t1):
 
 
 class Adjoint(InnerSolver):
-  """Gradient flow integrated by diffrax, differentiated by an adjoint (see :func:`adjoint`)."""
+  """Gradient flow integrated by diffrax, differentiated by an adjoint (see
+  [`adjoint`][metajax.solvers.adjoint])."""
 
   name = "adjoint"
   hyperparameters = ("t1", "reg")
@@ -208,12 +209,13 @@ def adjoint(
     stepsize_controller: default ``diffrax.PIDController(rtol, atol)``. Its times
       (``dtmin``, ``dtmax``, ``StepTo.ts``, ``ClipStepSizeController``'s ``step_ts`` and
       ``jump_ts``) are in real time units, as with diffrax directly.
-    rtol, atol: tolerances of the default controller; ``None``: 1e-10 in float64, 1e-6
+    rtol: relative tolerance of the default controller; ``None``: 1e-10 in float64, 1e-6
       in float32. Looser is faster but the meta-gradient degrades faster than the state
       (``experiments/benchmarks/gradient_error.md``, smooth tanh MLP, t1 = 1: relative
       meta-gradient error 7e-2 at 1e-4, 1.4e-4 at 1e-6, 1.5e-8 at 1e-10;
       ``solver_defaults.md``: 1e-4 is ~4x faster on the sinusoid MLP). Non-smooth (ReLU)
       flows at tight tolerances can hit ``max_steps``: that raises.
+    atol: absolute tolerance of the default controller; ``None``: as ``rtol``.
     max_steps: step cap (static).
     adjoint: ``"checkpoint"``, ``"backsolve"``, or any ``diffrax.AbstractAdjoint``.
     throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the time reached and the task
@@ -221,11 +223,11 @@ def adjoint(
       ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, t1=None,
+    An [`InnerSolver`][metajax.solvers.InnerSolver]: ``adapt(params, support, *, t1=None,
     reg=None)``; ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
     ``stats={"num_accepted_steps", "num_rejected_steps", "time"}``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, metajax
     >>> loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
     >>> adapt = metajax.solvers.adjoint(loss, t1=1.0)

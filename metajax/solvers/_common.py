@@ -108,7 +108,7 @@ def check_tolerance(name: str, value) -> None:
 def check_hyperparameter(name: str, value, *, strict: bool = True, signed: bool = False) -> None:
   """Validates a float hyperparameter (or a pytree of them) that is concrete.
 
-  Traced leaves are skipped here and checked at run time (:func:`hyperparameter_result`).
+  Traced leaves are skipped here and checked at run time (``hyperparameter_result``).
   Concrete ``jax.Array`` values captured inside ``jit`` are checked too: they are read with
   numpy, never converted through a tracer.
   """
@@ -147,7 +147,7 @@ def _show(arr: np.ndarray) -> str:
 def hyperparameter_result(value, *, strict: bool = True, signed: bool = False) -> jax.Array:
   """Run-time check of a possibly traced hyperparameter: ``RESULTS.invalid_hyperparameter`` or 0.
 
-  As :func:`check_hyperparameter`: finite, and ``> 0`` (``strict``) or ``>= 0``; ``signed``
+  As ``check_hyperparameter``: finite, and ``> 0`` (``strict``) or ``>= 0``; ``signed``
   values need only be finite.
   """
   ok = jnp.ones((), bool)

@@ -26,7 +26,7 @@ class LinearSolveInfo(NamedTuple):
   """Diagnostics of the linear solve ``(I + H / reg) g = v`` of the implicit gradient.
 
   Attributes:
-    result: a :class:`~metajax.solvers.RESULTS` code: ``successful``, ``linear_solve_failed``
+    result: a [`RESULTS`][metajax.solvers.RESULTS] code: ``successful``, ``linear_solve_failed``
       (tolerance missed), ``diverged`` (a fixed-iteration solve, ``tol=0``, whose residual
       grew past 1e4 times ``||v||``) or ``nonfinite``.
     residual: ``||(I + H/reg) g - v|| / ||v||`` reached.
@@ -53,7 +53,7 @@ def _linear_result(solver: linear_solvers.LinearSolver, rel, finite, dtype) -> j
 
 class Implicit(InnerSolver):
   """The proximal inner problem solved to tolerance, differentiated implicitly (see
-  :func:`implicit`)."""
+  [`implicit`][metajax.solvers.implicit])."""
 
   name = "implicit"
   hyperparameters = ("reg",)
@@ -158,7 +158,7 @@ class Implicit(InnerSolver):
   def linear_solve_info(self, params, support, cotangent, *, reg=None) -> LinearSolveInfo:
     """Runs the inner solve and the backward linear solve for ``cotangent``; reports the latter.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, metajax
       >>> loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
       >>> adapt = metajax.solvers.implicit(loss, reg=1.0)
@@ -201,8 +201,10 @@ def implicit(
     reg: proximal strength (finite, > 0). May also be passed at call time, possibly
       traced; it then receives its meta-gradient (traced values are checked at run time;
       keep a learned ``reg`` positive with ``meta_objective(..., learn={"reg": "log"})``).
-    optimizer: the inner optimizer: :func:`inner_optimizers.lbfgs` (default: scale-free,
-      line search), :func:`inner_optimizers.gd` (iMAML-GD), :func:`inner_optimizers.newton_cg`
+    optimizer: the inner optimizer:
+      [`inner_optimizers.lbfgs`][metajax.solvers.inner_optimizers.lbfgs] (default: scale-free,
+      line search), [`inner_optimizers.gd`][metajax.solvers.inner_optimizers.gd] (iMAML-GD),
+      [`inner_optimizers.newton_cg`][metajax.solvers.inner_optimizers.newton_cg]
       (iMAML-HF), or any optax ``GradientTransformation``.
     max_steps: inner iterations (static): the budget with ``tol=0``, the cap otherwise.
     tol: ``0`` (default): run exactly ``max_steps`` iterations, iMAML's fixed-budget
@@ -218,7 +220,7 @@ def implicit(
       iterations solve smooth problems of a few parameters exactly (the closed-form tests)
       and reach a median relative residual of 3e-3 on the sinusoid MLP (500 tasks, none
       failed); pass ``tol`` on smooth problems that need an exact solve.
-    linear_solver: a :mod:`~metajax.solvers.linear_solvers` solver for the implicit
+    linear_solver: a [`linear_solvers`][metajax.solvers.linear_solvers] solver for the implicit
       gradient; default ``cg(maxiter=10, tol=0)`` (a fixed budget, as iMAML's 5 CG steps:
       ``I + H/reg`` is indefinite where a ReLU net's Hessian has eigenvalues below ``-reg``,
       and an exact ``cg()`` then missed its tolerance on 72 of 500 sinusoid tasks; the budget
@@ -230,7 +232,7 @@ def implicit(
       ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, reg=None)``;
+    An [`InnerSolver`][metajax.solvers.InnerSolver]: ``adapt(params, support, *, reg=None)``;
     ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
     ``stats={"initial_residual": ...}``; ``adapt.linear_solve_info(params, support,
     cotangent)`` reports the backward linear solve.
@@ -240,7 +242,7 @@ def implicit(
   With a tolerance (``tol > 0``, ``linear_solver=cg()``) a missed tolerance raises: damp
   the system (``linear_solvers.cg(ridge=1.0)``) or go back to a fixed budget.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
     >>> adapt = metajax.solvers.implicit(loss, reg=1.0)

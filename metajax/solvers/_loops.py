@@ -39,9 +39,9 @@ def uses_convolution(fn: Callable, *args, patches: bool = False) -> bool:
   """Whether ``fn(*args)`` runs an XLA convolution (traced abstractly, nothing executes).
 
   With ``patches=True``, convolutions written as patches @ kernel
-  (:func:`metajax.models.layers.conv_patches`) count too.
+  (``metajax.models.layers.conv_patches``) count too.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from metajax.solvers import uses_convolution
     >>> conv = lambda k, x: jax.lax.conv(x, k, (1, 1), "SAME")
@@ -59,12 +59,12 @@ def choose_unroll(steps: int, loss_fn: Callable, params, batch) -> int | bool:
   On CPU an XLA convolution inside a rolled loop runs ~20x slower than
   unrolled, so nets with ``lax`` convolutions on CPU are always fully unrolled
   (metajax's models compute convolutions as patches on CPU, which loop at full
-  speed: :mod:`metajax.models.layers`). Otherwise loops of
+  speed: ``metajax.models.layers``). Otherwise loops of
   at most ``FULL_UNROLL_MAX_STEPS`` steps are fully unrolled (as fast as a
   hand-written loop) and longer ones are a rolled ``lax.scan`` (bounded compile
   time).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.solvers import choose_unroll
     >>> choose_unroll(50, lambda p, b: jnp.sum(p * b), jnp.ones(3), jnp.ones(3))
@@ -108,7 +108,7 @@ def choose_task_batching(loss_fn: Callable, params, batch) -> str:
   a Python loop over tasks inside one ``jit`` (``"unroll"``). Everything else
   (MLPs anywhere, any model on GPU/TPU) is vectorized with ``vmap``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.solvers import choose_task_batching
     >>> choose_task_batching(lambda p, b: jnp.sum(p * b), jnp.ones(3), jnp.ones(3))

@@ -1,10 +1,12 @@
 """One result type for every inner solver, and loud failures under ``jit``/``vmap``/``grad``.
 
-Every solver's ``solve`` returns ``(phi, AdaptInfo)``; ``AdaptInfo.result`` is a :class:`RESULTS`
+Every solver's ``solve`` returns ``(phi, AdaptInfo)``; ``AdaptInfo.result`` is a
+[`RESULTS`][metajax.solvers.RESULTS]
 code. With ``throw=True`` (the default) a failure raises at run time, through
-:func:`error_if`: a check that costs one ``lax.cond`` when nothing failed and, on failure, calls
+``error_if``: a check that costs one ``lax.cond`` when nothing failed and, on failure, calls
 the host once with every task's values, so that the message names the solver, the stage, the
-task index (under ``vmap``), the meta-iteration (inside :func:`metajax.meta.make_train_step`) and
+task index (under ``vmap``), the meta-iteration (inside
+[`metajax.meta.make_train_step`][metajax.meta.make_train_step]) and
 the value reached.
 """
 
@@ -84,7 +86,7 @@ class AdaptInfo(NamedTuple):
   Diagnostics are not differentiable: differentiating any field in reverse mode raises.
 
   Attributes:
-    result: a :class:`RESULTS` code (int32; per task under ``vmap``).
+    result: a [`RESULTS`][metajax.solvers.RESULTS] code (int32; per task under ``vmap``).
     steps: inner iterations run (unrolled, implicit) or ODE steps taken (adjoint).
     residual: the norm of the inner objective's gradient at the adapted parameters
       (the support loss's for unrolled; the proximal objective's for implicit;

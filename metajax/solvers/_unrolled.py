@@ -73,7 +73,8 @@ def _check_step_size(step_size, per_step: bool = False) -> None:
 
 
 class Unrolled(InnerSolver):
-  """K inner steps differentiated by backpropagation (see :func:`unrolled`)."""
+  """K inner steps differentiated by backpropagation (see
+  [`unrolled`][metajax.solvers.unrolled])."""
 
   name = "unrolled"
 
@@ -128,9 +129,9 @@ class Unrolled(InnerSolver):
     ``steps`` (entry ``k`` is the result of step ``k + 1``; the last entry is ``adapt(...)``).
 
     Checked and differentiable like the call (MAML++'s multi-step loss,
-    :func:`metajax.meta.multi_step_objective`, uses it).
+    [`metajax.meta.multi_step_objective`][metajax.meta.multi_step_objective], uses it).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, metajax
       >>> adapt = metajax.solvers.unrolled(lambda p, b: 0.5 * jnp.sum((p - b) ** 2), steps=2,
       ...                                  step_size=0.5)
@@ -228,7 +229,8 @@ def unrolled(
       "log"})`` keeps learned rates positive.
     optimizer: any optax ``GradientTransformation`` used as the inner
       optimizer instead of gradient descent. To differentiate through Adam, use
-      ``optax.adam(lr, eps_root=1e-8)`` (or :func:`differentiable_adam`):
+      ``optax.adam(lr, eps_root=1e-8)`` (or
+      [`differentiable_adam`][metajax.solvers.differentiable_adam]):
       with ``eps_root=0`` the square root has an infinite derivative wherever a
       gradient entry is exactly zero, which turns meta-gradients into NaN.
     first_order: first-order MAML; inner gradients are treated as constants so
@@ -237,10 +239,10 @@ def unrolled(
       memory of one step instead of ``K``).
     unroll: how the loop is written: ``True`` (Python loop, fully unrolled),
       an int (``lax.scan`` unrolled by that factor; ``1`` is a rolled scan),
-      or ``"auto"`` (see :func:`metajax.solvers.choose_unroll`).
+      or ``"auto"`` (see [`metajax.solvers.choose_unroll`][metajax.solvers.choose_unroll]).
     step_aware: call ``loss_fn(params, batch, step)`` with the inner step
       index ``0..K-1`` (an int32 scalar), e.g. for MAML++'s per-step batch norm
-      with :func:`metajax.models.select_step`.
+      with [`metajax.models.select_step`][metajax.models.select_step].
     per_step: one step size per inner step (MAML++'s LSLR): ``step_size`` gains a leading
       axis of length ``steps`` and step ``k`` uses entry ``k``. A ``(steps,)`` array sets one
       rate per step for every parameter; a pytree like ``params`` with leaves of shape
@@ -252,14 +254,14 @@ def unrolled(
       reached; ``False`` reports it in ``AdaptInfo.result`` instead.
 
   Returns:
-    An :class:`~metajax.solvers.InnerSolver`: ``adapt(params, support, *, step_size=None)``
+    An [`InnerSolver`][metajax.solvers.InnerSolver]: ``adapt(params, support, *, step_size=None)``
     returns the adapted params; ``adapt.solve(...)`` returns ``(phi, AdaptInfo)`` with
     ``stats={"losses": support loss before each step, shape (steps,)}``.
 
   Supports ``jit``, ``vmap``, ``grad``, ``jvp``/``jacfwd``, ``grad`` of ``grad`` and
   closures over traced values (it is plain JAX).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> import metajax
     >>> loss = lambda p, b: jnp.mean((b[0] * p['w'] - b[1]) ** 2)
@@ -277,7 +279,7 @@ def unrolled(
 def differentiable_adam(learning_rate, **kwargs) -> optax.GradientTransformation:
   """``optax.adam`` with ``eps_root=1e-8``, safe to differentiate through.
 
-  Example:
+  Examples:
     >>> import metajax
     >>> opt = metajax.solvers.differentiable_adam(1e-2)
   """

@@ -1,7 +1,8 @@
 """The inner-solver contract: ``phi = adapt(params, support, **hyperparameters)``.
 
-Every solver (:func:`~metajax.solvers.unrolled`, :func:`~metajax.solvers.implicit`,
-:func:`~metajax.solvers.adjoint`) is an :class:`InnerSolver`: a callable object whose static
+Every solver ([`unrolled`][metajax.solvers.unrolled], [`implicit`][metajax.solvers.implicit],
+[`adjoint`][metajax.solvers.adjoint]) is an [`InnerSolver`][metajax.solvers.InnerSolver]: a callable
+object whose static
 settings are fixed at construction and whose call takes only arrays, so ``jax.jit(adapt)``,
 ``jax.vmap(adapt, in_axes=(None, 0))`` and ``jax.grad`` apply to it directly.
 """
@@ -29,7 +30,7 @@ class InnerSolver(abc.ABC):
       traced values (learned loss weights, per-task values under ``vmap``): every solver
       differentiates through them.
     throw: raise at run time when the solve fails (the default); with ``throw=False``
-      :meth:`solve` reports the failure in ``AdaptInfo.result`` instead.
+      ``solve`` reports the failure in ``AdaptInfo.result`` instead.
     hyperparameters: names of the float hyperparameters that may be passed at call time
       (possibly traced, then they receive gradients), e.g. ``("step_size",)``.
   """
@@ -50,11 +51,12 @@ class InnerSolver(abc.ABC):
   def with_loss(self, loss_fn: Callable) -> InnerSolver:
     """This solver, with every setting kept, on another inner loss.
 
-    The wrappers of :mod:`metajax.solvers` (:func:`~metajax.solvers.masked`,
-    :func:`~metajax.solvers.context`, :func:`~metajax.solvers.learned_loss`) use it to bind,
+    The wrappers of [`metajax.solvers`][metajax.solvers] ([`masked`][metajax.solvers.masked],
+    [`context`][metajax.solvers.context], [`learned_loss`][metajax.solvers.learned_loss]) use it to
+    bind,
     per call, a loss that closes over traced meta-parameters.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, metajax
       >>> adapt = metajax.solvers.unrolled(lambda p, b: jnp.sum((p - b) ** 2), steps=1,
       ...                                  step_size=0.25)
@@ -73,7 +75,7 @@ class InnerSolver(abc.ABC):
     return self.solve(params, support, **hyperparameters)[0]
 
   def solve(self, params: PyTree, support: PyTree, **hyperparameters) -> tuple[PyTree, AdaptInfo]:
-    """The adapted parameters and an :class:`~metajax.solvers.AdaptInfo`.
+    """The adapted parameters and an [`AdaptInfo`][metajax.solvers.AdaptInfo].
 
     With ``throw=True`` a failure still raises; with ``throw=False`` it is reported in
     ``info.result``. The info is not differentiable (reverse mode through it raises).

@@ -16,6 +16,8 @@ import optax
 from metajax.solvers import _common, _loops, linear_solvers
 from metajax.solvers._result import RESULTS, all_finite, fixed_iteration_result
 
+__all__ = ["InnerOptimizer", "gd", "lbfgs", "newton_cg"]
+
 
 @dataclasses.dataclass(frozen=True)
 class InnerOptimizer:
@@ -35,7 +37,7 @@ class InnerOptimizer:
 def gd(step_size: float) -> InnerOptimizer:
   """Gradient descent with a fixed step (iMAML-GD uses 0.1 for Omniglot).
 
-  Example:
+  Examples:
     >>> from metajax.solvers import inner_optimizers
     >>> inner_optimizers.gd(0.1).name
     'gd'
@@ -47,7 +49,7 @@ def gd(step_size: float) -> InnerOptimizer:
 def lbfgs(*, memory_size: int = 10) -> InnerOptimizer:
   """optax's L-BFGS with a zoom line search (scale-free: no step size to choose).
 
-  Example:
+  Examples:
     >>> from metajax.solvers import inner_optimizers
     >>> inner_optimizers.lbfgs().name
     'lbfgs'
@@ -59,7 +61,7 @@ def lbfgs(*, memory_size: int = 10) -> InnerOptimizer:
 def newton_cg(*, cg_steps: int = 20) -> InnerOptimizer:
   """Hessian-free Newton steps (iMAML-HF): ``cg_steps`` CG iterations and a backtracking search.
 
-  Example:
+  Examples:
     >>> from metajax.solvers import inner_optimizers
     >>> inner_optimizers.newton_cg(cg_steps=10).cg_steps
     10

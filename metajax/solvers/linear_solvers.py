@@ -1,7 +1,8 @@
 """Linear solvers with jaxopt's signature ``solve(matvec, b) -> x``.
 
 Each factory fixes the iteration cap and tolerance and returns a
-:class:`LinearSolver`, a callable that the implicit solver uses in its backward
+[`LinearSolver`][metajax.solvers.linear_solvers.LinearSolver], a callable that the implicit solver
+uses in its backward
 pass. ``tol=None`` picks a tolerance from the dtype of ``b`` (1e-10 in float64,
 1e-6 in float32); ``tol=0`` runs exactly ``maxiter`` iterations, as in iMAML's
 "5 CG steps". ``ridge`` solves ``(A + ridge I) x = b`` instead: a damped
@@ -19,6 +20,8 @@ import jax
 import jaxopt
 
 from metajax.solvers import _common
+
+__all__ = ["LinearSolver", "bicgstab", "cg", "gmres", "neumann", "normal_cg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,7 @@ def neumann(*, terms: int = 20, scale: float = 1.0, ridge: float = 0.0) -> Linea
   implicit solver's system ``(I + H / reg) g = v``, ``scale = 1`` converges
   when ``0 < H < reg`` (a strongly regularized inner problem).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.solvers import linear_solvers
     >>> x = linear_solvers.neumann(terms=60, scale=0.5)(lambda v: 2.5 * v, jnp.ones(2))

@@ -1,14 +1,18 @@
 """Wrappers that change *what* an inner solver adapts, for every solver.
 
-- :func:`masked`: adapt a subset of the parameters (ANIL adapts the head, BOIL the body); the
+- [`masked`][metajax.solvers.masked]: adapt a subset of the parameters (ANIL adapts the head, BOIL
+the body); the
   rest stays a meta-parameter and still receives its meta-gradient through the adapted part.
-- :func:`context`: adapt a context vector fed to the network from zero on every task, the
+- [`context`][metajax.solvers.context]: adapt a context vector fed to the network from zero on every
+task, the
   network weights being meta-parameters only (CAVIA).
-- :func:`learned_loss`: an inner loss with meta-learned parameters of its own (ML3-style
+- [`learned_loss`][metajax.solvers.learned_loss]: an inner loss with meta-learned parameters of its
+own (ML3-style
   learned losses, learned regularizers), passed at call time as ``loss_params``.
 
 Each binds, per call, a loss that closes over the (traced) values it holds fixed
-(:meth:`InnerSolver.with_loss`); every solver differentiates through such closures.
+([`InnerSolver.with_loss`][metajax.solvers.InnerSolver.with_loss]); every solver differentiates
+through such closures.
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ def _path_name(path) -> str:
 
 
 def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTree]:
-  """A mask for :func:`masked`: the leaves whose path matches the regular expression ``pattern``.
+  """A mask for [`masked`][metajax.solvers.masked]: the leaves whose path matches the regular
+  expression ``pattern``.
 
   Paths are written ``"Dense_2/kernel"`` (dict keys, attribute names and indices joined by
   ``/``). A leaf is selected when the pattern matches the whole of its path or of a leading part
-  of it (:func:`re.fullmatch` on ``"Dense_2"`` and ``"Dense_2/kernel"``): ``"Dense_1"`` selects
+  of it (``re.fullmatch`` on ``"Dense_2"`` and ``"Dense_2/kernel"``): ``"Dense_1"`` selects
   the layer ``Dense_1``, never ``Dense_10``; ``".*/kernel"`` selects every kernel.
 
   Args:
@@ -66,7 +71,7 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
     ``mask(params) -> pytree of bools``; it raises ``ValueError`` listing the paths when no
     leaf (or, with ``invert``, every leaf) matches.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, metajax
     >>> params = {'body': jnp.ones(2), 'head': jnp.ones(3)}
     >>> metajax.solvers.path_mask('head')(params)
@@ -97,7 +102,8 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
 
 
 class Masked(_Wrapper):
-  """Adapts the leaves of ``params`` where ``mask`` is True (see :func:`masked`)."""
+  """Adapts the leaves of ``params`` where ``mask`` is True (see
+  [`masked`][metajax.solvers.masked])."""
 
   def __init__(self, solver, mask):
     super().__init__(solver, "masked")
@@ -178,10 +184,11 @@ def masked(solver: InnerSolver, mask) -> Masked:
   Args:
     solver: any inner solver, built with a ``loss_fn`` on the *full* parameters.
     mask: a pytree of bools with the structure of ``params`` (or a prefix of it; ``True``:
-      adapt), or a function ``params -> such a pytree`` such as :func:`path_mask`.
+      adapt), or a function ``params -> such a pytree`` such as
+      [`path_mask`][metajax.solvers.path_mask].
 
   Returns:
-    An :class:`~metajax.solvers.InnerSolver` taking ``solver``'s call-time hyperparameters; a
+    An [`InnerSolver`][metajax.solvers.InnerSolver] taking ``solver``'s call-time hyperparameters; a
     per-parameter one (Meta-SGD's ``step_size`` tree) is given for the full ``params`` and
     masked the same way. With ``implicit`` the proximal term covers the adapted leaves only.
 
@@ -189,7 +196,7 @@ def masked(solver: InnerSolver, mask) -> Masked:
     TypeError, ValueError: at call time, when the mask's structure does not fit ``params``,
       a leaf is not a bool, or it selects nothing.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> loss = lambda p, b: jnp.mean((b[0] @ p['body'] @ p['head'] - b[1]) ** 2)
     >>> anil = metajax.solvers.masked(metajax.solvers.unrolled(loss, steps=2, step_size=0.1),
@@ -204,7 +211,8 @@ def masked(solver: InnerSolver, mask) -> Masked:
 
 # -- CAVIA ----------------------------------------------------------------------------------------
 class Context(_Wrapper):
-  """Adapts a context vector from zero, the network weights fixed (see :func:`context`)."""
+  """Adapts a context vector from zero, the network weights fixed (see
+  [`context`][metajax.solvers.context])."""
 
   def __init__(self, solver, shape):
     super().__init__(solver, "context")
@@ -245,8 +253,10 @@ def context(solver: InnerSolver, shape: int | tuple[int, ...]) -> Context:
   ``adapt = context(solver, shape)`` is called with the network's parameters ``theta`` and
   returns ``{'params': theta, 'context': c}``, where ``c`` is ``solver``'s adaptation of a
   context started at ``zeros(shape)`` on the support loss with ``theta`` held fixed. ``solver``'s
-  ``loss_fn`` (and the query loss of :func:`~metajax.meta.meta_objective`) take that dict, e.g.
-  through :func:`metajax.models.with_context`, which feeds the context to the network's input.
+  ``loss_fn`` (and the query loss of [`meta_objective`][metajax.meta.meta_objective]) take that
+  dict, e.g.
+  through [`metajax.models.with_context`][metajax.models.with_context], which feeds the context to
+  the network's input.
   ``theta`` receives its meta-gradient through the query loss and through ``c``. Reptile does not
   apply (the adapted value has another structure than ``theta``).
 
@@ -254,7 +264,7 @@ def context(solver: InnerSolver, shape: int | tuple[int, ...]) -> Context:
     solver: any inner solver, built with a ``loss_fn`` on ``{'params': ..., 'context': ...}``.
     shape: the context's shape (CAVIA's regression uses 4, its classification 100).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> apply_fn = metajax.models.with_context(lambda w, x: x @ w)
     >>> loss = metajax.meta.mse_loss(apply_fn)
@@ -269,7 +279,8 @@ def context(solver: InnerSolver, shape: int | tuple[int, ...]) -> Context:
 
 # -- learned inner losses -------------------------------------------------------------------------
 class LearnedLoss(_Wrapper):
-  """Runs ``solver`` on ``loss_fn(params, batch, loss_params)`` (see :func:`learned_loss`)."""
+  """Runs ``solver`` on ``loss_fn(params, batch, loss_params)`` (see
+  [`learned_loss`][metajax.solvers.learned_loss])."""
 
   def __init__(self, solver):
     super().__init__(solver, "learned_loss")
@@ -315,7 +326,7 @@ def learned_loss(solver: InnerSolver) -> LearnedLoss:
   steps; ``implicit`` solves ``argmin loss(phi; psi) + reg/2 ||phi - theta||^2`` and gets
   ``d phi / d psi`` from the implicit function theorem; ``adjoint`` from the adjoint ODE.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, metajax
     >>> inner = lambda p, b, psi: jnp.mean((b[0] * p - b[1]) ** 2) + psi * p ** 2
     >>> adapt = metajax.solvers.learned_loss(metajax.solvers.unrolled(inner, steps=1,
