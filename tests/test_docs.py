@@ -49,11 +49,13 @@ def test_every_top_level_subpackage_is_documented():
 def test_guide_snippets_run(path):
   """The python blocks of each page run as written, in order, in one namespace."""
   namespace: dict = {}
+  x64 = jax.config.jax_enable_x64  # the suite runs in float64; a reader starts in float32
+  jax.config.update("jax_enable_x64", False)
   try:
     for i, block in enumerate(python_blocks(path)):
       exec(compile(block, f"{path}[python block {i}]", "exec"), namespace)  # noqa: S102
   finally:
-    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_x64", x64)
 
 
 def test_every_guide_is_in_the_site_navigation():
