@@ -136,8 +136,8 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
     >>> step = metajax.meta.make_train_step(vg, opt, metajax.tasks.sinusoid(), meta_batch_size=4)
     >>> state = metajax.meta.init_train_state(jnp.ones((1, 1)), opt)
     >>> state, losses = step(state, jax.random.key(0))
-    >>> step.cache_sizes()
-    {'step': 1}
+    >>> step.cache_sizes()["step"] <= 1  # one compilation, however many calls
+    True
   """
   _common.check_callable("value_and_grad", value_and_grad)
   _common.check_callable("sample_tasks", sample_tasks)
