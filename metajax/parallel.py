@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["TASK_AXIS", "replicated", "shard_tasks", "task_mesh", "task_sharding"]
+__all__ = ["TASK_AXIS", "replicated", "shard_family", "shard_tasks", "task_mesh",
+           "task_sharding"]
 
 TASK_AXIS = "tasks"
 
@@ -33,9 +34,8 @@ def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def task_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding that splits the leading (task) axis over the mesh.
 
-  Use it inside ``jit`` where tasks are sampled on device:
-  ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))``; outside, see
-  [`shard_tasks`][metajax.parallel.shard_tasks].
+  Inside ``jit``, where tasks are sampled on device, [`shard_family`][metajax.parallel.shard_family]
+  applies it to a task family's batches; outside, see [`shard_tasks`][metajax.parallel.shard_tasks].
 
   Examples:
     >>> from metajax.parallel import task_mesh, task_sharding
@@ -62,8 +62,7 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
   """Places every leaf of ``tasks`` with its task axis split over ``mesh``.
 
   The number of tasks must be a multiple of the mesh size. Inside ``jit``
-  (where tasks are sampled on device) use
-  ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` instead.
+  (where tasks are sampled on device) use [`shard_family`][metajax.parallel.shard_family].
 
   Examples:
     >>> import jax.numpy as jnp
@@ -71,9 +70,50 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
     >>> import jax
     >>> x = shard_tasks(jnp.zeros((len(jax.devices()) * 2, 3)), task_mesh())
   """
+  _check_mesh(mesh)
+  _check_task_axis(tasks, mesh)
+  return jax.device_put(tasks, task_sharding(mesh))
+
+
+def shard_family(family: Callable, mesh: Mesh) -> Callable:
+  """A task family whose sampled batches have their task axis split over ``mesh``.
+
+  ``sample(key, num_tasks, *data)`` calls ``family`` and constrains the result to
+  [`task_sharding`][metajax.parallel.task_sharding] (``jax.lax.with_sharding_constraint``), so
+  that inside a jitted train step ([`make_train_step`][metajax.meta.make_train_step]) sampling
+  and adaptation run on every device's share of the tasks. ``num_tasks`` must be a multiple of
+  the mesh size.
+
+  Examples:
+    >>> import jax
+    >>> from metajax.parallel import shard_family, task_mesh
+    >>> from metajax.tasks import sinusoid
+    >>> sample = shard_family(sinusoid(), task_mesh())
+    >>> tasks = jax.jit(sample, static_argnums=1)(jax.random.key(0), 2 * len(jax.devices()))
+    >>> len(tasks.support[0].sharding.device_set) == len(jax.devices())
+    True
+  """
+  if not callable(family):
+    raise TypeError(f"family must be a task family, sample(key, num_tasks, *data), got "
+                    f"{type(family).__name__}.")
+  _check_mesh(mesh)
+
+  def sample(key, num_tasks, *data):
+    tasks = family(key, num_tasks, *data)
+    _check_task_axis(tasks, mesh)
+    return jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))
+
+  return sample
+
+
+def _check_mesh(mesh) -> None:
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. task_mesh()), got "
                     f"{type(mesh).__name__}.")
+
+
+def _check_task_axis(tasks, mesh: Mesh) -> None:
+  """Every leaf has a leading task axis whose size is a multiple of the mesh size."""
   size = mesh.devices.size
   for path, leaf in jax.tree_util.tree_leaves_with_path(tasks):
     where = f"tasks{jax.tree_util.keystr(path)}"
@@ -82,4 +122,3 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
     if np.shape(leaf)[0] % size:
       raise ValueError(f"the task axis of {where} (size {np.shape(leaf)[0]}) must be a "
                        f"multiple of the mesh size {size}.")
-  return jax.device_put(tasks, task_sharding(mesh))

@@ -347,4 +347,15 @@ CASES = [
     Case("parallel", "task_mesh over device names instead of devices",
          lambda: metajax.parallel.task_mesh(["cpu0"]), TypeError,
          "devices must be jax.Device objects"),
+    Case("parallel", "shard_family of a Task instead of a family",
+         lambda: metajax.parallel.shard_family(
+             metajax.tasks.sinusoid()(jax.random.key(0), 4), metajax.parallel.task_mesh()),
+         TypeError, "family must be a task family"),
+    Case("parallel", "shard_family with a device list for the mesh",
+         lambda: metajax.parallel.shard_family(metajax.tasks.sinusoid(), jax.devices()),
+         TypeError, "mesh must be a jax.sharding.Mesh"),
+    Case("parallel", "shard_family sampling a batch not divisible by the devices",
+         lambda: metajax.parallel.shard_family(metajax.tasks.sinusoid(),
+                                               metajax.parallel.task_mesh())(jax.random.key(0), 6),
+         ValueError, r"\(size 6\) must be a multiple of the mesh size 4"),
 ]

@@ -43,13 +43,6 @@ def test_shard_tasks_rejects_indivisible_batch():
     metajax.parallel.shard_tasks(jnp.zeros((6, 2)), metajax.parallel.task_mesh())
 
 
-def _sharded_family(family, mesh):
-  def sample(key, num_tasks, *data):
-    return jax.lax.with_sharding_constraint(family(key, num_tasks, *data),
-                                            metajax.parallel.task_sharding(mesh))
-  return sample
-
-
 @pytest.mark.parametrize("placement", ["device_0", "replicated"])
 def test_train_step_with_placed_meta_params_compiles_once(placement):
   """Meta-parameters put on a device or replicated over the mesh: the state init_train_state
@@ -66,7 +59,7 @@ def test_train_step_with_placed_meta_params_compiles_once(placement):
     placed, sample = jax.device_put(params, jax.devices()[0]), family
   else:
     placed = jax.device_put(params, metajax.parallel.replicated(mesh))
-    sample = _sharded_family(family, mesh)
+    sample = metajax.parallel.shard_family(family, mesh)
   optimizer = optax.sgd(0.01)
   runs = {}
   for name, (start, sampler) in {"plain": (params, family), "placed": (placed, sample)}.items():

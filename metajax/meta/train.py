@@ -239,11 +239,15 @@ class _TrainStep:
     if self._per_call != "auto":
       return
     self._per_call = None
-    probe_tasks = min(2, self._batch)  # 2: task interpolation needs a pair of tasks
+    # The probe samples a whole meta-batch, as training does (a family may need it: sharded
+    # families check the batch divides the mesh; task interpolation needs a pair), and traces
+    # the meta-gradient of its first two tasks only.
+    probe_tasks = min(2, self._batch)
+    def probe(p, k, *d):
+      tasks = jax.tree.map(lambda x: x[:probe_tasks], self._sample_tasks(k, self._batch, *d))
+      return self._group_value_and_grad(p, tasks, jnp.int32(0))
     if jax.default_backend() == "cpu" and _loops.uses_convolution(
-        lambda p, k, *d: self._group_value_and_grad(p, self._sample_tasks(k, probe_tasks, *d),
-                                                    jnp.int32(0)),
-        state.meta_params, key, *data, patches=True):
+        probe, state.meta_params, key, *data, patches=True):
       self._per_call = 1
 
   @property
