@@ -8,11 +8,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from metajax.meta._distribute import TASK_AXIS, check_mesh
+
 __all__ = ["TASK_AXIS", "replicated", "shard_family", "shard_tasks", "task_mesh",
            "task_sharding"]
-
-TASK_AXIS = "tasks"
-
 
 def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named ``"tasks"`` over ``devices`` (default: all devices).
@@ -70,7 +69,7 @@ def shard_tasks(tasks: Any, mesh: Mesh) -> Any:
     >>> import jax
     >>> x = shard_tasks(jnp.zeros((len(jax.devices()) * 2, 3)), task_mesh())
   """
-  _check_mesh(mesh)
+  check_mesh(mesh)
   _check_task_axis(tasks, mesh)
   return jax.device_put(tasks, task_sharding(mesh))
 
@@ -96,7 +95,7 @@ def shard_family(family: Callable, mesh: Mesh) -> Callable:
   if not callable(family):
     raise TypeError(f"family must be a task family, sample(key, num_tasks, *data), got "
                     f"{type(family).__name__}.")
-  _check_mesh(mesh)
+  check_mesh(mesh)
 
   def sample(key, num_tasks, *data):
     tasks = family(key, num_tasks, *data)
@@ -104,12 +103,6 @@ def shard_family(family: Callable, mesh: Mesh) -> Callable:
     return jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))
 
   return sample
-
-
-def _check_mesh(mesh) -> None:
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. task_mesh()), got "
-                    f"{type(mesh).__name__}.")
 
 
 def _check_task_axis(tasks, mesh: Mesh) -> None:

@@ -82,7 +82,9 @@ def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task, adapt=None
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {mode!r}.")
   if mode != "auto":
     return mode
-  first = jax.tree.map(lambda x: x[0], tasks.support)
+  # One task's shapes, abstractly: slicing a task axis split over an Explicit mesh is an error.
+  first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+                       tasks.support)
   if hasattr(adapt, "initial"):  # the parameters the loss sees (context() adds a context)
     params = adapt.initial(params)
   try:
@@ -92,6 +94,33 @@ def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task, adapt=None
       raise
     adapted = jax.eval_shape(adapt, params, first)
     return _loops.choose_task_batching(loss_fn, adapted, first)
+
+
+def _explicit_axes(tree) -> tuple[str, ...]:
+  """Mesh axes of ``Explicit`` type that some leaf of ``tree`` is typed with (jit, set_mesh)."""
+  axes = []
+  for leaf in jax.tree.leaves(tree):
+    try:
+      mesh = jax.typeof(leaf).sharding.mesh
+    except (TypeError, AttributeError):
+      continue
+    axes += [name for name, kind in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+             if kind == jax.sharding.AxisType.Explicit and name not in axes]
+  return tuple(axes)
+
+
+def in_auto_axes(fn: Callable, tasks) -> Callable:
+  """``fn``, run with the Explicit mesh axes of ``tasks`` treated as Auto (outputs replicated).
+
+  The solvers' loops (``while_loop`` under ``vmap``) cannot carry a task axis typed as split over
+  an Explicit mesh (JAX raises "Resource axis ... is not found in mesh"); inside
+  ``jax.sharding.auto_axes`` the compiler partitions the task axis as under an Auto mesh, and
+  the mean over tasks comes out replicated.
+  """
+  axes = _explicit_axes(tasks)
+  if not axes:
+    return fn
+  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=jax.sharding.PartitionSpec())
 
 
 def meta_objective(adapt: Callable, loss_fn: Callable, *,
@@ -151,8 +180,10 @@ def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn,
     check_tasks(tasks)
     params, hyper = _split(meta_params, learned)
     mode = _task_batching(task_batching, loss_fn, params, tasks, adapt)
-    return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
-                                     mode))
+    def mean_loss(params, hyper, tasks, args):
+      return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
+                                       mode))
+    return in_auto_axes(mean_loss, tasks)(params, hyper, tasks, args)
 
   return objective
 
@@ -180,7 +211,7 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching:
       phi = adapt(params, task.support)
       return loss_fn(phi, task.query), phi
     mode = _task_batching(task_batching, loss_fn, params, tasks, adapt)
-    losses, phis = _loops.map_tasks(one, tasks, mode)
+    losses, phis = in_auto_axes(lambda t: _loops.map_tasks(one, t, mode), tasks)(tasks)
     if jax.tree.structure(phis) != jax.tree.structure(params):
       raise TypeError("Reptile moves theta toward the adapted parameters, so adapt must return "
                       f"params' structure {jax.tree.structure(params)}; it returned "

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metajax.meta import _distribute
 from metajax.solvers import _common, _loops
 from metajax.solvers._result import RESULTS, context, error_if
 
@@ -84,7 +85,9 @@ def _place_like_meta_params(state: TrainState) -> TrainState:
 
 def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransformation,
                     sample_tasks: Callable, *, meta_batch_size: int, iterations: int = 1,
-                    tasks_per_call: int | str | None = "auto", nonfinite: str = "raise"):
+                    tasks_per_call: int | str | None = "auto", nonfinite: str = "raise",
+                    mesh: jax.sharding.Mesh | None = None, shard_map: bool = False,
+                    micro_batches: int = 1):
   """A meta-training step: sample tasks on device, adapt, meta-gradient, update.
 
   Args:
@@ -118,6 +121,20 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
       meta-iteration; ``"skip"`` leaves the state unchanged for that meta-iteration and
       counts it in ``state.skipped``. Inner-solver failures raise inside the solver
       (naming the meta-iteration too) unless it was built with ``throw=False``.
+    mesh: a ``jax.sharding.Mesh`` to meta-train data-parallel over tasks (``None``: one
+      device). The tasks are sampled on device straight into a sharding that splits them over
+      the mesh's ``"tasks"`` axis (or its only axis), the state is replicated on every device
+      (the step places it), and the meta-gradient is reduced across devices; the numbers are
+      the single-device ones. Auto and Explicit axis types both work (Explicit axes are used as
+      Auto inside the step). The task axis must divide the meta-batch (each micro-batch).
+      With ``tasks_per_call`` an int (or ``"auto"`` on a CPU conv net, where it becomes the
+      task axis' size), each per-call program is split over the mesh in the same way.
+    shard_map: with a ``mesh``, run ``value_and_grad`` under ``jax.shard_map`` (one program
+      per device on its own tasks, means averaged with ``lax.pmean``) instead of letting
+      ``jit`` partition it. Same numbers; for code that wants explicit per-device programs.
+    micro_batches: split each meta-batch into this many equal groups processed one after
+      another in a ``lax.scan`` and average their meta-gradients: the whole batch's numbers
+      with the memory of one group (a meta-batch larger than fits on the devices at once).
 
   Returns:
     ``train_step(state, key, *data) -> (state, losses)`` with ``losses`` of
@@ -151,8 +168,25 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
                        f"({meta_batch_size}).")
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
+  _common.check_positive_int("micro_batches", micro_batches)
+  if not isinstance(shard_map, bool):
+    raise TypeError(f"shard_map must be True or False, got {shard_map!r}.")
+  if shard_map and mesh is None:
+    raise ValueError("shard_map=True needs a mesh: make_train_step(..., mesh=mesh, "
+                     "shard_map=True).")
+  if mesh is not None:
+    _distribute.task_axis(mesh)  # a Mesh, with an axis to split tasks over
+  _distribute.check_batch(meta_batch_size, micro_batches, mesh)
+  if micro_batches > 1 and tasks_per_call not in ("auto", None):
+    raise ValueError(f"micro_batches ({micro_batches}) and tasks_per_call ({tasks_per_call}) "
+                     "both split the meta-batch: use one of them.")
+  if mesh is not None and isinstance(tasks_per_call, int) and (
+      tasks_per_call % _distribute.axis_size(mesh)):
+    raise ValueError(f"tasks_per_call ({tasks_per_call}) must be a multiple of the mesh's task "
+                     f"axis ({_distribute.axis_size(mesh)} devices) so that every per-call "
+                     "program splits its tasks over the mesh.")
   return _TrainStep(value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
-                    tasks_per_call, nonfinite)
+                    tasks_per_call, nonfinite, mesh, shard_map, micro_batches)
 
 
 def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
@@ -184,8 +218,10 @@ class _TrainStep:
   per-group dispatch)."""
 
   def __init__(self, value_and_grad, optimizer, sample_tasks, meta_batch_size, iterations,
-               tasks_per_call, nonfinite):
+               tasks_per_call, nonfinite, mesh, shard_map, micro_batches):
     self._value_and_grad, self._sample_tasks = value_and_grad, sample_tasks
+    self._mesh = None if mesh is None else _distribute.auto_mesh(mesh)
+    self._micro_batches = micro_batches
     takes_iteration = getattr(value_and_grad, "takes_meta_iteration", False) is True
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
 
@@ -209,8 +245,13 @@ class _TrainStep:
                         "wrap the objective: jax.value_and_grad(meta_objective(adapt, loss_fn)).")
       return out
 
+    spread = group_value_and_grad
+    if self._mesh is not None:
+      spread = _distribute.over_mesh(spread, self._mesh, shard_map=shard_map)
+    batch_value_and_grad = _distribute.in_micro_batches(spread, micro_batches, self._mesh)
+
     def one_iteration(state: TrainState, key, data):
-      loss, grads = group_value_and_grad(state.meta_params, sample(state, key, data), state.step)
+      loss, grads = batch_value_and_grad(state.meta_params, sample(state, key, data), state.step)
       return _checked_update(optimizer, state, loss, grads, nonfinite)
 
     def fused(state: TrainState, key, *data):
@@ -233,22 +274,25 @@ class _TrainStep:
       return state, loss[None]
 
     self._fused, self._sample_groups = jax.jit(fused), jax.jit(sample_groups)
-    self._group_value_and_grad, self._update = jax.jit(group_value_and_grad), jax.jit(update)
+    self._group_value_and_grad, self._update = jax.jit(spread), jax.jit(update)
+    self._task_value_and_grad = group_value_and_grad  # unsplit, for the convolution probe
 
   def _resolve(self, state: TrainState, key, data) -> None:
     if self._per_call != "auto":
       return
     self._per_call = None
+    if self._micro_batches > 1:
+      return
     # The probe samples a whole meta-batch, as training does (a family may need it: sharded
     # families check the batch divides the mesh; task interpolation needs a pair), and traces
     # the meta-gradient of its first two tasks only.
     probe_tasks = min(2, self._batch)
     def probe(p, k, *d):
       tasks = jax.tree.map(lambda x: x[:probe_tasks], self._sample_tasks(k, self._batch, *d))
-      return self._group_value_and_grad(p, tasks, jnp.int32(0))
+      return self._task_value_and_grad(p, tasks, jnp.int32(0))
     if jax.default_backend() == "cpu" and _loops.uses_convolution(
         probe, state.meta_params, key, *data, patches=True):
-      self._per_call = 1
+      self._per_call = 1 if self._mesh is None else _distribute.axis_size(self._mesh)
 
   @property
   def tasks_per_call(self) -> int | None:
@@ -258,6 +302,17 @@ class _TrainStep:
   @property
   def _one_program(self) -> bool:
     return self._per_call in (None, "auto") or self._per_call == self._batch
+
+  def lower(self, state: TrainState, key, *data):
+    """The one-program step lowered for these arguments (``.compile().as_text()`` shows how it
+    is partitioned over a mesh); not available when tasks are dispatched per call."""
+    if self._mesh is not None:
+      state, key, data = _distribute.replicate((state, key, data), self._mesh)
+    self._resolve(state, key, data)
+    if not self._one_program:
+      raise ValueError(f"this step dispatches {self._per_call} tasks per call: there is no one "
+                       "program to lower (pass tasks_per_call=None).")
+    return self._fused.lower(state, key, *data)
 
   def cache_sizes(self) -> dict:
     """Compilations of each program this step has run (1 each after any number of calls)."""
@@ -274,6 +329,8 @@ class _TrainStep:
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                                             or key.shape == (2,))):
       raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
+    if self._mesh is not None:  # replicated on the mesh (a no-op once the step has placed it)
+      state, key, data = _distribute.replicate((state, key, data), self._mesh)
     self._resolve(state, key, data)
     if self._one_program:
       return self._fused(state, key, *data)

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from metajax.solvers import _common
+from metajax.solvers import _common, _vma
 from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
 from metajax.solvers.base import InnerSolver
 
@@ -85,6 +85,7 @@ class Adjoint(InnerSolver):
 
   def _solve(self, params, support, *, t1=None, reg=None):
     _common.check_one_dtype(params, "adjoint")
+    _vma.refuse_varying(support, "adjoint", "diffrax's ODE solve")
     dtype = _common.params_dtype(params)
     t1_ = self.t1 if t1 is None else t1
     reg_ = self.reg if reg is None else reg
@@ -123,6 +124,11 @@ class Adjoint(InnerSolver):
     else:
       controller = _in_normalized_time(controller, t1_)
     method = _adjoint_method(self.adjoint, self.solver, controller)
+    if self.adjoint == "checkpoint" and _vma.in_manual_context():
+      # Inside shard_map / pmap, diffrax's checkpointed loop fails (equinox closure conversion
+      # sees other argument types); DirectAdjoint differentiates the same discrete solve exactly,
+      # in memory that grows with max_steps.
+      method = diffrax.DirectAdjoint()
     # Step sizes carry no gradient (BacksolveAdjoint cannot differentiate its
     # initial state, and diffrax's automatic first step depends on y0).
     if self.dt0 is not None:

@@ -7,13 +7,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metajax.solvers import _common, inner_optimizers, linear_solvers
+from metajax.solvers import _common, _vma, inner_optimizers, linear_solvers
 from metajax.solvers._result import (
-    RESULTS,
-    AdaptInfo,
-    error_if,
-    fixed_iteration_result,
-    nondifferentiable,
+  RESULTS,
+  AdaptInfo,
+  error_if,
+  fixed_iteration_result,
+  nondifferentiable,
 )
 from metajax.solvers.base import InnerSolver
 
@@ -117,6 +117,9 @@ class Implicit(InnerSolver):
   # -- the solve ----------------------------------------------------------------------------
   def _solve(self, params, support, *, reg=None):
     _common.check_one_dtype(params, "implicit")
+    if self.optimizer.name in ("lbfgs", "newton_cg"):
+      _vma.refuse_varying(support, "implicit", f"the {self.optimizer.name} inner optimizer "
+                          "(its line search)", gd_works=True)
     reg_ = self._reg(params, reg)
     hyper_result = (_common.hyperparameter_result(reg_) if _common.is_traced(reg_)
                     else jnp.zeros((), jnp.int32))

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metajax.solvers._vma import vary, varying_axes
+
 
 class RESULTS(enum.IntEnum):
   """Status codes shared by all solvers and stages (``AdaptInfo.result``)."""
@@ -212,8 +214,9 @@ def error_if(x, result, header: str, **values):
       def raise_error(result, values, context_values):
         raise SolverError(_format(header, result, dict(zip(names, values)),
                                   dict(zip(ctx_names, context_values))))
-      return jax.pure_callback(raise_error, jax.ShapeDtypeStruct(result.shape, result.dtype),
-                               result, values, context_values, vmap_method="broadcast_all")
+      out = jax.pure_callback(raise_error, jax.ShapeDtypeStruct(result.shape, result.dtype),
+                              result, values, context_values, vmap_method="broadcast_all")
+      return vary(out, varying_axes(result))  # inside shard_map: typed like the other branch
 
     # Only the scalars enter the branch (a branch carrying x measured ~5% slower on the MAML
     # step); x is tied to the check by adding 0 * token, so the check runs wherever x is used.

@@ -82,6 +82,8 @@ class InnerSolver(abc.ABC):
     """
     self._check_hyperparameter_names(hyperparameters)
     self._check_inputs(params, support)
+    # Inside shard_map, the inner loop adapts to this device's tasks only (see vary_like).
+    params = _common.vary_like(params, support, hyperparameters)
     phi, info = self._solve(params, support, **hyperparameters)
     return phi, nondifferentiable(info)
 
