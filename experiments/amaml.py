@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
+if __package__ in (None, ""):  # run as a file: the repository root holds experiments/
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metajax  # noqa: E402
+from experiments import common  # noqa: E402
 
 FAMILIES = {"alpine2d": metajax.tasks.alpine2d, "cos_mixture": metajax.tasks.cos_mixture,
             "cos_mixture2d": metajax.tasks.cos_mixture2d}

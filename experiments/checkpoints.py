@@ -1,15 +1,24 @@
 """Preemption-safe checkpoints for the experiment scripts (orbax): save, check, resume.
 
-A run directory holds ``run.json`` (the flags that make a run the same run, :data:`RUN_FLAGS`)
-and orbax checkpoints; a rerun into the same directory resumes from the latest one, and refuses
-(``CheckpointError``, saying what to do) checkpoints of another run, unreadable ones, or ones
-that do not match the training state.
+A run directory holds ``run.json`` (the flags that make a run the same run, :data:`RUN_FLAGS` or
+a script's own list) and orbax checkpoints; a rerun into the same directory resumes from the
+latest one, and refuses (``CheckpointError``, saying what to do) checkpoints of another run,
+unreadable ones, or ones that do not match the training state.
+
+Atomic: orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp`` and renames it
+to ``<step>`` once every array and its metadata are written (a rename is atomic on a POSIX file
+system; on cloud storage orbax writes a ``commit_success.txt`` last instead). A process killed
+mid-save leaves only the temporary directory, which ``latest_step`` ignores (and
+:func:`checkpoint_manager` deletes): the rerun resumes from the previous complete checkpoint.
+Multi-process: every process calls :func:`save` (orbax writes each array once and synchronizes
+the processes); only process 0 writes ``run.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -33,7 +42,17 @@ def checkpoint_manager(directory):
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise CheckpointError(f"{directory} is a file, not a checkpoint directory; delete it, or "
                           "pass another --out.")
+  if os.path.isdir(directory) and jax.process_index() == 0:
+    _remove_partial_saves(directory)
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def _remove_partial_saves(directory) -> None:
+  """Deletes what saves killed midway left: orbax's ``<step>.orbax-checkpoint-tmp*`` folders
+  (never read; orbax's own ``cleanup_tmp_directories`` warns from a closed event loop)."""
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _cause(err: Exception) -> str:
@@ -46,10 +65,11 @@ def _fresh(directory) -> str:
   return f"delete {directory} to start afresh, or pass another --out"
 
 
-def check_run(directory, args, *, resuming: bool) -> None:
-  """Records :data:`RUN_FLAGS` in ``directory/run.json``; when resuming they must be unchanged."""
+def check_run(directory, args, *, resuming: bool, run_flags=RUN_FLAGS, write: bool = True) -> None:
+  """Records ``run_flags`` (attribute names of ``args``) in ``directory/run.json``; when resuming
+  they must be unchanged. ``write=False`` (processes other than 0) only checks."""
   path = os.path.join(directory, "run.json")
-  run = {name: getattr(args, name, None) for name in RUN_FLAGS}
+  run = {name: getattr(args, name, None) for name in run_flags}
   if resuming and os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:
@@ -59,15 +79,16 @@ def check_run(directory, args, *, resuming: bool) -> None:
     except (OSError, ValueError) as err:
       raise CheckpointError(f"{path} is unreadable ({err}); {_fresh(directory)}.") from err
     changed = [f"--{name.replace('_', '-')} {run[name]} (checkpoints: {saved[name]})"
-               for name in RUN_FLAGS if name in saved and saved[name] != run[name]]
+               for name in run_flags if name in saved and saved[name] != run[name]]
     if changed:
       raise CheckpointError(f"the checkpoints in {directory} belong to another run: "
                             f"{', '.join(changed)}; rerun with the checkpoints' flags, or "
                             f"{_fresh(directory)}.")
     return
-  os.makedirs(directory, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(run, f)
+  if write:
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(run, f)
 
 
 def _leaf_shapes(tree) -> dict[str, tuple | None]:
@@ -131,8 +152,10 @@ def restore_latest(manager, state):
                           f"{corrupt}.") from err
 
 
-def resume(manager, state, args):
+def resume(manager, state, args, *, run_flags=RUN_FLAGS, write: bool = True):
   """Checks the run's flags against the checkpoints, restores the latest, checks what is left.
+
+  ``run_flags`` and ``write``: see :func:`check_run`.
 
   Raises:
     CheckpointError: see :func:`check_run` and :func:`restore_latest`; also a checkpoint past
@@ -141,7 +164,8 @@ def resume(manager, state, args):
   if manager is None:
     return state
   directory = str(manager.directory)
-  check_run(directory, args, resuming=manager.latest_step() is not None)
+  check_run(directory, args, resuming=manager.latest_step() is not None, run_flags=run_flags,
+            write=write)
   state = restore_latest(manager, state)
   step = int(state.step)
   if step > args.iterations:
@@ -155,7 +179,40 @@ def resume(manager, state, args):
   return state
 
 
-def save(manager, state):
+def latest_metadata(manager) -> dict:
+  """The JSON metadata :func:`save` stored with the latest checkpoint ({} if none).
+
+  Checkpoints written before the metadata existed, or whose metadata file is damaged (orbax
+  logs it and reads nothing), give {}: the runner then uses the key the flags give and counts
+  the training time from this session.
+  """
+  if manager is None or manager.latest_step() is None:
+    return {}
+  return dict(manager.metadata(manager.latest_step()).custom_metadata or {})
+
+
+def save(manager, state, metadata: dict | None = None) -> None:
+  """Saves ``state`` at iteration ``state.step`` with ``metadata`` (JSON) beside it.
+
+  Every process calls it; orbax writes in the background (``manager.wait_until_finished()``
+  waits) and a later save first waits for the one before.
+  """
   if manager is not None:
     import orbax.checkpoint as ocp
-    manager.save(int(state.step), args=ocp.args.StandardSave(state))
+    manager.save(int(state.step), args=ocp.args.StandardSave(state),
+                 custom_metadata=metadata or {})
+
+
+def read_checkpoint(path):
+  """The arrays of the checkpoint at ``path`` (``<out>/checkpoints/<step>``) as numpy arrays,
+  whatever devices and processes wrote it (e.g. to compare runs, or inspect a multi-host run).
+  """
+  import numpy as np
+  import orbax.checkpoint as ocp
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  item = os.path.join(path, "default")
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(item).item_metadata
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          getattr(tree, "tree", tree))
+    return jax.tree.map(np.asarray, checkpointer.restore(item, target))

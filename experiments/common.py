@@ -1,4 +1,5 @@
-"""Pieces shared by the experiment scripts: flag checks, solver choice, logging, progress, plots."""
+"""Pieces shared by the experiment scripts: flag checks, solver choice, devices and processes,
+logging, progress, plots."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import optax
 
 import metajax
 
-SOLVERS = ("maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint")
+# The one registry of --solver names: the classic solvers, built by make_adapt, then the
+# second-wave methods, built by experiments/recipes.py (recipes.CLASSIC/METHODS/SOLVERS are these).
+CLASSIC_SOLVERS = ("maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint")
+METHOD_SOLVERS = ("anil", "boil", "mamlpp", "cavia", "ml3")
+SOLVERS = CLASSIC_SOLVERS + METHOD_SOLVERS
 # jax.random.key(seed) keeps 32 bits with float64 off: seed 2**32 is seed 0 again.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -81,6 +86,8 @@ def check_chunk(parser, args) -> None:
 
 
 def add_solver_flags(parser, *, inner_steps: int, inner_lr: float, solvers=SOLVERS) -> None:
+  """``--solver`` (from ``solvers``, by default every name of :data:`SOLVERS`) and the inner
+  solvers' flags."""
   parser.add_argument("--solver", choices=solvers, default="maml")
   parser.add_argument("--inner-steps", type=int, default=inner_steps)
   parser.add_argument("--inner-lr", type=float, default=inner_lr)
@@ -96,6 +103,122 @@ def check_solver_flags(parser, args) -> None:
   """:func:`check_flags` for the flags of :func:`add_solver_flags`."""
   check_flags(parser, args, positive_int=("--inner-steps", "--cg-steps"),
               positive_float=("--inner-lr", "--reg", "--t1"), nonnegative_float=("--cg-ridge",))
+
+
+# Cluster launchers (or a user) may set these instead of the flags (JAX reads the first itself).
+PROCESS_ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+               "process_id": "JAX_PROCESS_ID"}
+
+
+def add_device_flags(parser) -> None:
+  """``--devices`` and the multi-process flags ``--coordinator --num-processes --process-id``.
+
+  Check them with :func:`setup_devices`, which starts ``jax.distributed`` when asked.
+  """
+  parser.add_argument("--devices", type=int, default=None,
+                      help="devices to split each meta-batch over (a 'tasks' mesh; 1: no mesh). "
+                           "Default: every device of every process, or 1 on CPU with one "
+                           "process (XLA's CPU devices share the same cores)")
+  parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                      help="multi-process: the address of process 0's coordinator (every process "
+                           "passes the same), or 'auto' to let JAX read a cluster's environment "
+                           "(SLURM, Open MPI, Cloud TPU, Kubernetes). Default: "
+                           "$JAX_COORDINATOR_ADDRESS; neither: one process")
+  parser.add_argument("--num-processes", type=int, default=None,
+                      help="multi-process: how many (default: $JAX_NUM_PROCESSES)")
+  parser.add_argument("--process-id", type=int, default=None,
+                      help="multi-process: this process's number, 0 to --num-processes - 1 "
+                           "(default: $JAX_PROCESS_ID); process 0 writes the logs and results")
+
+
+def _process_flags_from_env(parser, args) -> None:
+  """Fills the multi-process flags left unset from :data:`PROCESS_ENV`."""
+  for name, var in PROCESS_ENV.items():
+    value = os.environ.get(var)
+    if getattr(args, name) is not None or not value:
+      continue
+    if name != "coordinator":
+      try:
+        value = int(value)
+      except ValueError:
+        parser.error(f"{var} must be an integer (it stands in for --{name.replace('_', '-')}), "
+                     f"got {value!r}.")
+    setattr(args, name, value)
+
+
+def check_process_flags(parser, args) -> None:
+  """Rejects inconsistent multi-process flags with ``parser.error`` (touches no device)."""
+  _process_flags_from_env(parser, args)
+  check_flags(parser, args, positive_int=("--devices", "--num-processes"),
+              int_range={"--process-id": (0, None)})
+  coordinator, count, index = args.coordinator, args.num_processes, args.process_id
+  if coordinator is None:
+    if count is not None or index is not None:
+      parser.error("--num-processes and --process-id need --coordinator HOST:PORT (process 0's "
+                   "address, the same for every process).")
+    return
+  if coordinator == "auto":
+    return
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    parser.error(f"--coordinator must be HOST:PORT with PORT in 1..65535 (e.g. 10.0.0.1:1234), "
+                 f"or auto, got {coordinator!r}.")
+  if count is None or index is None:
+    parser.error(f"--coordinator {coordinator} needs --num-processes and --process-id (or "
+                 "$JAX_NUM_PROCESSES and $JAX_PROCESS_ID; --coordinator auto reads all three "
+                 "from a cluster's environment).")
+  if index >= count:
+    parser.error(f"--process-id {index} must be below --num-processes {count} (processes are "
+                 f"numbered 0 to {count - 1}).")
+
+
+def start_processes(args) -> None:
+  """``jax.distributed.initialize`` with the multi-process flags, if any was given (once)."""
+  if args.coordinator is None or jax.distributed.is_initialized():
+    return
+  if args.coordinator == "auto":
+    jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
+  else:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
+def setup_devices(parser, args, *, meta_batch: str = "--meta-batch") -> None:
+  """Checks the device flags, starts ``jax.distributed`` if asked, resolves ``args.devices``.
+
+  Call at the end of ``parse_args``: it is the first thing to touch the devices, as
+  ``jax.distributed.initialize`` requires. ``--devices`` must not exceed the devices JAX sees,
+  must be all of them with several processes (the mesh spans every process), and must divide
+  the meta-batch (the flag named ``meta_batch``); each is a ``parser.error``.
+  """
+  check_process_flags(parser, args)
+  start_processes(args)
+  available, processes = jax.device_count(), jax.process_count()
+  if args.devices is None:
+    single_cpu = jax.default_backend() == "cpu" and processes == 1
+    args.devices = 1 if single_cpu else available
+  if args.devices > available:
+    parser.error(f"--devices {args.devices} exceeds the {available} {jax.default_backend()} "
+                 "devices JAX sees (jax.devices()).")
+  if processes > 1 and args.devices != available:
+    parser.error(f"--devices {args.devices} must be all {available} devices of the {processes} "
+                 "processes (the mesh spans every process); leave --devices out.")
+  batch = _flag_value(args, meta_batch)
+  if batch % args.devices:
+    parser.error(f"{meta_batch} {batch} must be a multiple of --devices {args.devices} (each "
+                 "device adapts the same number of tasks).")
+
+
+def task_mesh(args):
+  """The ``"tasks"`` mesh over the first ``args.devices`` devices, or None for one device."""
+  if args.devices == 1:
+    return None
+  return metajax.parallel.task_mesh(jax.devices()[:args.devices])
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes logs, results and plots."""
+  return jax.process_index() == 0
 
 
 def make_adapt(args, loss_fn):
@@ -115,7 +238,7 @@ def make_adapt(args, loss_fn):
   if args.solver == "adjoint":
     t1 = args.t1 if args.t1 is not None else args.inner_steps * args.inner_lr
     return s.adjoint(loss_fn, t1=t1), ()
-  raise ValueError(f"unknown --solver {args.solver!r}; choose from {SOLVERS}.")
+  raise ValueError(f"unknown --solver {args.solver!r}; choose from {CLASSIC_SOLVERS}.")
 
 
 def value_and_grad_for(args, adapt, loss_fn, learn):
@@ -138,7 +261,7 @@ def environment() -> dict:
   return {"python": platform.python_version(), "jax": jax.__version__,
           "optax": optax.__version__, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
-          "machine": platform.machine()}
+          "machine": platform.machine(), "processes": jax.process_count()}
 
 
 def machine_line(env: dict, *, diffrax: bool = False) -> str:

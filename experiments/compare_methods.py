@@ -18,10 +18,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import fewshot  # noqa: E402
-import sinusoid  # noqa: E402
+if __package__ in (None, ""):  # run as a file: the repository root holds experiments/
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import common, fewshot, sinusoid  # noqa: E402
 
 ROWS = (("maml", None), ("anil", None), ("boil", None), ("mamlpp", None), ("cavia", None),
         ("ml3", None), ("maml", 0.5))  # (solver, MLTI alpha)

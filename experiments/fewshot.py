@@ -10,13 +10,16 @@ test tasks and reports accuracy with 95% confidence intervals. ``--baseline``
 also trains the same network on all meta-train classes and fine-tunes it on
 each test task (non-meta-learned).
 
-Checkpoints (orbax) are written every ``--checkpoint-every`` iterations and a
-rerun with the same ``--out`` resumes from the latest one; iteration ``i``
+Checkpoints (orbax) are written every ``--checkpoint-every`` iterations, at the
+end and on SIGTERM (which then exits with status 143), and a rerun with the same
+``--out`` resumes from the latest one (``experiments/runner.py``); iteration ``i``
 always samples its tasks from ``fold_in(key, i)``, so a resumed run is the
 same run. ``checkpoints/run.json`` records the flags that define the run
-(``--config --solver --shots --meta-batch --seed``): a rerun with other values
+(``--config --solver --shots --meta-batch --seed --mlti``): a rerun with other values
 into the same ``--out`` is refused, as is a checkpoint that is unreadable or
 does not match the model. Metrics go to ``metrics.jsonl``; plots to ``training.png``.
+``--devices`` splits each meta-batch over a device mesh, ``--coordinator --num-processes
+--process-id`` over several processes (process 0 writes the outputs).
 
 Solvers also include the second-wave methods of ``experiments/recipes.py`` (``anil``, ``boil``,
 ``mamlpp``, ``cavia``, ``ml3``) and ``--mlti ALPHA`` trains any of them on task interpolations.
@@ -32,26 +35,24 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import recipes  # noqa: E402
-from checkpoints import (  # noqa: E402, F401  (the checkpoint API, also used as fewshot.*)
-    RUN_FLAGS,
-    CheckpointError,
-    check_run,
-    checkpoint_manager,
-    restore_latest,
-    resume,
-    save,
-)
-
+if __package__ in (None, ""):  # run as a file: the repository root holds experiments/
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metajax  # noqa: E402
+from experiments import common, recipes, runner  # noqa: E402
+from experiments.checkpoints import (  # noqa: E402, F401  (the checkpoint API, also fewshot.*)
+  RUN_FLAGS,
+  CheckpointError,
+  check_run,
+  checkpoint_manager,
+  restore_latest,
+  resume,
+  save,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +107,13 @@ def parse_args(argv=None):
                       "must divide (convs on CPU: keep 1, a rolled loop around convolutions is "
                       "~20x slower on XLA:CPU)")
   p.add_argument("--eval-tasks", type=int, default=600)
-  p.add_argument("--checkpoint-every", type=int, default=500)
+  runner.add_flags(p, checkpoint_every=500)
   p.add_argument("--baseline", action="store_true", help="also run the pretrain+finetune baseline")
   p.add_argument("--data-dir", default=None, help="Omniglot zips / miniImageNet root")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="default: runs/<config>-<solver>-<shots>shot")
   recipes.add_method_flags(p, context_size=100)
+  common.add_device_flags(p)
   args = p.parse_args(argv)
   recipes.check_method_flags(p, args)
   common.check_flags(p, args, positive_int=("--shots", "--iterations", "--meta-batch", "--chunk",
@@ -129,6 +131,7 @@ def parse_args(argv=None):
   if config.dataset != "digits" and args.data_dir is None:
     p.error(f"--config {args.config} needs --data-dir (nothing is downloaded; see "
             f"metajax.data.{config.dataset}).")
+  common.setup_devices(p, args)
   return args
 
 
@@ -230,10 +233,9 @@ def make_finetune(args, config: Config, adapt, loss_fn, meta_params, learn):
 def main(argv=None):
   args = parse_args(argv)
   config = CONFIGS[args.config]
-  meta_batch, iterations, chunk = args.meta_batch, args.iterations, args.chunk  # parse_args
+  meta_batch, iterations = args.meta_batch, args.iterations  # resolved by parse_args
   out = args.out if args.out is not None else os.path.join(
       "runs", f"{args.config}-{args.solver}-{args.shots}shot")
-  os.makedirs(out, exist_ok=True)
   data = load_data(config, args.data_dir)
   check_data(args, config, data)
   train_images, test_images = jax.device_put(data["train"]), jax.device_put(data["test"])
@@ -251,35 +253,20 @@ def main(argv=None):
                                   rotations=config.rotations)
   if args.mlti is not None:
     sample = metajax.tasks.interpolate(sample, alpha=args.mlti)
+  mesh = common.task_mesh(args)
   train_step = metajax.meta.make_train_step(recipe.value_and_grad, optimizer, sample,
-                                            meta_batch_size=meta_batch, iterations=chunk)
+                                            meta_batch_size=meta_batch, iterations=args.chunk,
+                                            mesh=mesh)
   state = metajax.meta.init_train_state(recipe.meta_params, optimizer)
   try:
-    manager = checkpoint_manager(os.path.join(out, "checkpoints"))
-    state = resume(manager, state, args)
+    trained = runner.train(
+        train_step, state, key_train, (train_images,),
+        args=args, out=out, desc=f"{args.config}/{args.solver}", metric="query_loss",
+        config={**dataclasses.asdict(config), **vars(args), **common.environment()},
+        mesh=mesh)
   except CheckpointError as err:
     raise SystemExit(f"fewshot.py: error: {err}") from err
-  start_step = int(state.step)
-
-  log = common.JsonLog(os.path.join(out, "metrics.jsonl"))
-  log.write(event="config", resumed_from=start_step, **{
-      **dataclasses.asdict(config), **vars(args), **common.environment()})
-  bar = common.progress(iterations, f"{args.config}/{args.solver}")
-  bar.update(start_step)
-  start = time.time()
-  while int(state.step) < iterations:
-    state, losses = train_step(state, key_train, train_images)
-    step = int(state.step)
-    log.write(event="train", iteration=step, query_loss=float(losses.mean()),
-              seconds=time.time() - start)
-    bar.update(chunk)
-    bar.set_postfix(query_loss=f"{float(losses.mean()):.3f}")
-    if step % args.checkpoint_every < chunk or step >= iterations:
-      save(manager, state)
-  bar.close()
-  if manager is not None:
-    manager.wait_until_finished()
-  train_seconds = time.time() - start
+  state, train_seconds = trained.state, trained.seconds
 
   test_tasks = metajax.tasks.episodes(ways=config.ways, shots=args.shots,
                                       queries=config.queries)(key_eval, args.eval_tasks,
@@ -296,10 +283,12 @@ def main(argv=None):
   if args.baseline:
     base = pretrain_baseline(config, train_images, image_shape, key_base, test_tasks)
     result["baseline_accuracy"], result["baseline_ci95"] = metajax.meta.confidence_interval(base)
+  trained.write(event="eval", **result)
+  trained.close()
+  if not common.is_primary():
+    return result
   with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
-  log.write(event="eval", **result)
-  log.close()
 
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   curve = [(r["iteration"], r["query_loss"]) for r in records if r["event"] == "train"]

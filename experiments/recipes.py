@@ -33,14 +33,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
+if __package__ in (None, ""):  # run or loaded as a file: the repository root holds experiments/
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metajax  # noqa: E402
+from experiments import common  # noqa: E402
 
-CLASSIC = ("maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint")
-METHODS = ("anil", "boil", "mamlpp", "cavia", "ml3")
-SOLVERS = CLASSIC + METHODS
+# The registry of --solver names lives in common (one list for every script).
+CLASSIC, METHODS, SOLVERS = common.CLASSIC_SOLVERS, common.METHOD_SOLVERS, common.SOLVERS
 ML3_HIDDEN = 16
 
 

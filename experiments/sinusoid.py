@@ -12,6 +12,11 @@ inner loop's edge of stability (top Hessian eigenvalue of a 5-shot loss above 2/
 most test tasks), so fine-tuning for 5 or 10 steps diverges on some tasks and misses the
 paper's 5- and 10-step numbers (README, four seeds each).
 
+Checkpoints (orbax) go to ``<out>/checkpoints`` every ``--checkpoint-every`` meta-iterations, at
+the end and on SIGTERM (which then exits with status 143); a rerun with the same ``--out``
+resumes bit-identically (``experiments/runner.py``). ``--devices`` splits each meta-batch over a
+device mesh, ``--coordinator --num-processes --process-id`` over several processes.
+
 Run: ``python experiments/sinusoid.py [--solver maml|fomaml|metasgd|reptile|imaml|adjoint|anil|
 boil|mamlpp|cavia|ml3] [--mlti ALPHA]`` (the methods: ``experiments/recipes.py``).
 """
@@ -22,26 +27,26 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import recipes  # noqa: E402
-
+if __package__ in (None, ""):  # run as a file: the repository root holds experiments/
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metajax  # noqa: E402
+from experiments import checkpoints, common, recipes, runner  # noqa: E402
 
 PAPER_MSE = {1: 0.67, 5: 0.38, 10: 0.35}  # MAML Fig. 3 text, 5-shot, trained 10-shot
+# The flags that make a run the same run: a rerun into the same --out must keep them.
+RUN_FLAGS = ("solver", "shots", "meta_batch", "seed", "mlti", "inner_steps", "inner_lr",
+             "meta_lr", "init", "reg", "cg_steps", "cg_ridge", "t1", "context_size", "context_lr")
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog=os.path.basename(__file__),
                               description=__doc__.splitlines()[0])
-  common.add_solver_flags(p, inner_steps=1, inner_lr=0.001,  # the MAML code's (module docstring)
-                          solvers=recipes.SOLVERS)
+  common.add_solver_flags(p, inner_steps=1, inner_lr=0.001)  # the MAML code's (module docstring)
   recipes.add_method_flags(p, context_size=4)
   p.add_argument("--iterations", type=int, default=70_000)
   p.add_argument("--meta-batch", type=int, default=25)
@@ -58,16 +63,21 @@ def parse_args(argv=None):
                       "(std 0.01; at --inner-lr 0.01 5/10-step fine-tuning diverged in 3 of 4 "
                       "seeds, at 0.001 it learns more slowly: README)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="runs/sinusoid")
+  p.add_argument("--out", default=None, help="default: runs/sinusoid-<solver>")
+  runner.add_flags(p, checkpoint_every=5000)
+  common.add_device_flags(p)
   args = p.parse_args(argv)
   common.check_solver_flags(p, args)
   recipes.check_method_flags(p, args)
   common.check_flags(p, args, positive_int=("--iterations", "--meta-batch", "--shots",
                                             "--eval-shots", "--eval-queries", "--eval-steps",
-                                            "--chunk"),
+                                            "--chunk", "--checkpoint-every"),
                      positive_float=("--meta-lr",),
                      int_range={"--eval-tasks": (2, None), "--seed": common.SEED_RANGE})
   common.check_chunk(p, args)
+  if args.out is None:
+    args.out = os.path.join("runs", f"sinusoid-{args.solver}")
+  common.setup_devices(p, args)
   return args
 
 
@@ -92,7 +102,6 @@ def adaptation_curve(recipe, meta_params, args, key):
 
 def main(argv=None):
   args = parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
   key_init, key_train, key_eval = jax.random.split(jax.random.key(args.seed), 3)
   kernel_init = metajax.models.MAML_KERNEL_INIT if args.init == "maml" else None
   recipe = recipes.build(
@@ -100,27 +109,22 @@ def main(argv=None):
                                                   kernel_init=kernel_init),
       metajax.meta.mse_loss, jax.random.fold_in(key_init, 1), outputs=1, classification=False)
   optimizer = common.outer_optimizer(args)
-  chunk = args.chunk  # divides args.iterations (parse_args)
   sample = metajax.tasks.sinusoid(num_support=args.shots, num_query=args.shots)
   if args.mlti is not None:
     sample = metajax.tasks.interpolate(sample, alpha=args.mlti)
+  mesh = common.task_mesh(args)
   train_step = metajax.meta.make_train_step(recipe.value_and_grad, optimizer, sample,
-                                            meta_batch_size=args.meta_batch, iterations=chunk)
+                                            meta_batch_size=args.meta_batch,
+                                            iterations=args.chunk, mesh=mesh)
   state = metajax.meta.init_train_state(recipe.meta_params, optimizer)
-
-  log = common.JsonLog(os.path.join(args.out, "metrics.jsonl"))
-  log.write(event="config", **vars(args), **common.environment())
-  bar = common.progress(args.iterations, f"sinusoid/{args.solver}")
-  start = time.time()
-  for _ in range(args.iterations // chunk):
-    state, losses = train_step(state, key_train)  # iteration i uses fold_in(key_train, i)
-    mean_loss = float(losses.mean())  # one host read per chunk, not per iteration
-    log.write(event="train", iteration=int(state.step), query_mse=mean_loss,
-              seconds=time.time() - start)
-    bar.update(chunk)
-    bar.set_postfix(query_mse=f"{mean_loss:.3f}")
-  bar.close()
-  train_seconds = time.time() - start
+  try:  # iteration i uses fold_in(key_train, i)
+    trained = runner.train(train_step, state, key_train, args=args, out=args.out,
+                           desc=f"sinusoid/{args.solver}", metric="query_mse",
+                           config={**vars(args), **common.environment()}, run_flags=RUN_FLAGS,
+                           mesh=mesh)
+  except checkpoints.CheckpointError as err:
+    raise SystemExit(f"sinusoid.py: error: {err}") from err
+  state, train_seconds = trained.state, trained.seconds
 
   curves = adaptation_curve(recipe, state.meta_params, args, key_eval)
   rows = []
@@ -132,10 +136,12 @@ def main(argv=None):
   result = {"solver": args.solver, "mlti": args.mlti, "iterations": args.iterations,
             "train_seconds": train_seconds, "rows": rows,
             "curve_mean": curves.mean(0).tolist(), **common.environment()}
+  trained.write(event="eval", **result)
+  trained.close()
+  if not common.is_primary():
+    return result
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
-  log.write(event="eval", **result)
-  log.close()
 
   def draw(plt):
     xs = np.arange(curves.shape[1])

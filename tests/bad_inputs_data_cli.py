@@ -299,6 +299,24 @@ def _cli(name: str, *argv: str):
   return call
 
 
+def _cli_with_env(env: dict, name: str, *argv: str):
+  """:func:`_cli` with the environment variables ``env`` set during the call."""
+  call = _cli(name, *argv)
+
+  def with_env():
+    saved = {var: os.environ.get(var) for var in env}
+    os.environ.update(env)
+    try:
+      return call()
+    finally:
+      for var, value in saved.items():
+        if value is None:
+          os.environ.pop(var, None)
+        else:
+          os.environ[var] = value
+  return with_env
+
+
 def _fewshot_data(shots: int, per_class: int, classes: int = 5):
   fewshot = _script("fewshot")
   args = argparse.Namespace(shots=shots, config="digits")
@@ -350,6 +368,45 @@ CLI = [
     Case("cli", "sinusoid.py --iterations that is not an integer",
          _cli("sinusoid", "--iterations", "1e3"), ValueError,
          r"argument --iterations: invalid int value: '1e3'"),
+    Case("cli", "sinusoid.py --checkpoint-every 0", _cli("sinusoid", "--checkpoint-every", "0"),
+         ValueError, r"sinusoid.py: error: --checkpoint-every must be >= 1, got 0"),
+    Case("cli", "sinusoid.py --devices 0", _cli("sinusoid", "--devices", "0"), ValueError,
+         r"sinusoid.py: error: --devices must be >= 1, got 0"),
+    Case("cli", "sinusoid.py --devices beyond the devices JAX sees",
+         _cli("sinusoid", "--devices", "99"), ValueError,
+         r"--devices 99 exceeds the \d+ cpu devices JAX sees \(jax\.devices\(\)\)"),
+    Case("cli", "sinusoid.py --meta-batch that is not a multiple of --devices",
+         _cli("sinusoid", "--meta-batch", "25", "--devices", "2"), ValueError,
+         r"--meta-batch 25 must be a multiple of --devices 2 \(each device adapts the same "
+         r"number of tasks\)"),
+    Case("cli", "sinusoid.py --num-processes without --coordinator",
+         _cli("sinusoid", "--num-processes", "2"), ValueError,
+         r"--num-processes and --process-id need --coordinator HOST:PORT \(process 0's address"),
+    Case("cli", "sinusoid.py --coordinator without a port",
+         _cli("sinusoid", "--coordinator", "localhost", "--num-processes", "2",
+              "--process-id", "0"), ValueError,
+         r"--coordinator must be HOST:PORT with PORT in 1\.\.65535 \(e\.g\. 10\.0\.0\.1:1234\), "
+         r"or auto, got 'localhost'"),
+    Case("cli", "sinusoid.py --coordinator with a port beyond 65535",
+         _cli("sinusoid", "--coordinator", "localhost:70000", "--num-processes", "2",
+              "--process-id", "0"), ValueError,
+         r"--coordinator must be HOST:PORT .*got 'localhost:70000'"),
+    Case("cli", "sinusoid.py --coordinator without --num-processes and --process-id",
+         _cli("sinusoid", "--coordinator", "localhost:1234"), ValueError,
+         r"--coordinator localhost:1234 needs --num-processes and --process-id \(or "
+         r"\$JAX_NUM_PROCESSES and \$JAX_PROCESS_ID"),
+    Case("cli", "sinusoid.py --process-id not below --num-processes",
+         _cli("sinusoid", "--coordinator", "localhost:1234", "--num-processes", "2",
+              "--process-id", "2"), ValueError,
+         r"--process-id 2 must be below --num-processes 2 \(processes are numbered 0 to 1\)"),
+    Case("cli", "sinusoid.py --process-id -1", _cli("sinusoid", "--process-id", "-1"),
+         ValueError, r"--process-id must be >= 0, got -1"),
+    Case("cli", "sinusoid.py --num-processes 0", _cli("sinusoid", "--num-processes", "0"),
+         ValueError, r"--num-processes must be >= 1, got 0"),
+    Case("cli", "sinusoid.py with JAX_NUM_PROCESSES that is not an integer",
+         _cli_with_env({"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "two",
+                        "JAX_PROCESS_ID": "0"}, "sinusoid"), ValueError,
+         r"JAX_NUM_PROCESSES must be an integer \(it stands in for --num-processes\), got 'two'"),
     Case("cli", "amaml.py --steps with a zero", _cli("amaml", "--steps", "10,0"), ValueError,
          r"amaml.py: error: --steps must be comma-separated positive ints, got '10,0'"),
     Case("cli", "amaml.py --steps that are not ints", _cli("amaml", "--steps", "10,5e1"),
@@ -383,6 +440,9 @@ CLI = [
     Case("cli", "cosmixture.py --solvers naming a solver twice",
          _cli("cosmixture", "--solvers", "maml,imaml,maml"), ValueError,
          r"--solvers repeats \['maml'\]"),
+    Case("cli", "cosmixture.py --devices that does not divide the default --meta-batch 10",
+         _cli("cosmixture", "--devices", "4"), ValueError,
+         r"cosmixture.py: error: --meta-batch 10 must be a multiple of --devices 4"),
     Case("cli", "cosmixture.py --inner-lr -0.05", _cli("cosmixture", "--inner-lr", "-0.05"),
          ValueError, r"--inner-lr must be a finite number > 0, got -0\.05"),
     Case("cli", "fewshot.py --meta-batch 0 --iterations 0 (not replaced by the config's)",
@@ -398,6 +458,12 @@ CLI = [
          r"--eval-tasks must be >= 2, got 0"),
     Case("cli", "fewshot.py --shots 0", _cli("fewshot", "--shots", "0"), ValueError,
          r"--shots must be >= 1, got 0"),
+    Case("cli", "fewshot.py --meta-batch that is not a multiple of --devices",
+         _cli("fewshot", "--meta-batch", "6", "--devices", "4"), ValueError,
+         r"fewshot.py: error: --meta-batch 6 must be a multiple of --devices 4"),
+    Case("cli", "fewshot.py --process-id without --coordinator",
+         _cli("fewshot", "--process-id", "1"), ValueError,
+         r"fewshot.py: error: --num-processes and --process-id need --coordinator HOST:PORT"),
     Case("cli", "fewshot.py --config omniglot-5way without --data-dir",
          _cli("fewshot", "--config", "omniglot-5way"), ValueError,
          r"--config omniglot-5way needs --data-dir"),
@@ -480,6 +546,18 @@ def _unreadable_run_file():
   return _resume(directory)
 
 
+def _sinusoid_with_another_inner_lr():
+  """A sinusoid.py run record, resumed with another ``--inner-lr``."""
+  sinusoid = _script("sinusoid")
+  directory = os.path.join(tempfile.mkdtemp(), "checkpoints")
+  recorded = sinusoid.parse_args(["--out", directory])
+  sinusoid.checkpoints.check_run(directory, recorded, resuming=False,
+                                 run_flags=sinusoid.RUN_FLAGS)
+  changed = sinusoid.parse_args(["--out", directory, "--inner-lr", "0.01"])
+  return sinusoid.checkpoints.check_run(directory, changed, resuming=True,
+                                        run_flags=sinusoid.RUN_FLAGS)
+
+
 def _checkpoints_path_is_a_file():
   out = tempfile.mkdtemp()
   open(os.path.join(out, "checkpoints"), "w").write("x")
@@ -520,6 +598,10 @@ CHECKPOINTS = [
     Case("checkpoints", "resume with a --chunk that does not divide the iterations left",
          lambda: _resume(_checkpoint(step=3), iterations=6, chunk=2), RuntimeError,
          r"at iteration 3: --chunk 2 does not divide the 3 iterations left to --iterations 6"),
+    Case("checkpoints", "sinusoid.py resumed with another --inner-lr into the same --out",
+         _sinusoid_with_another_inner_lr, RuntimeError,
+         r"the checkpoints in .*checkpoints belong to another run: --inner-lr 0\.01 \(checkpoints: "
+         r"0\.001\); rerun with the checkpoints' flags, or delete"),
     Case("checkpoints", "resume with an unreadable run record", _unreadable_run_file,
          RuntimeError, r"checkpoints/run\.json is unreadable \(.*\); delete .*checkpoints"),
     Case("checkpoints", "a --out whose checkpoints path is a file", _checkpoints_path_is_a_file,
