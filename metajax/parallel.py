@@ -1,4 +1,9 @@
-"""Task-axis parallelism: shard a task batch over a device mesh; ``jit`` does the rest."""
+"""Task-axis parallelism: shard a task batch over a device mesh; ``jit`` does the rest.
+
+The one-argument path is [`make_train_step(..., mesh=task_mesh())`][metajax.meta.make_train_step]:
+tasks sampled into the task sharding, state replicated, meta-gradient reduced (optionally under
+``shard_map``, in micro-batches). The pieces below serve code that builds its own loop.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metajax.meta._distribute import TASK_AXIS, check_mesh
+from metajax.meta._distribute import replicate as _replicate
 
-__all__ = ["TASK_AXIS", "replicated", "shard_family", "shard_tasks", "task_mesh",
+__all__ = ["TASK_AXIS", "put_replicated", "replicated", "shard_family", "shard_tasks", "task_mesh",
            "task_sharding"]
 
 def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -55,6 +61,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     True
   """
   return NamedSharding(mesh, PartitionSpec())
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf of ``tree`` (meta-parameters, a training state, a key) replicated on ``mesh``.
+
+  Leaves already replicated there are left as they are. Across processes
+  (``jax.distributed``) every process passes the whole value (the same on each), where
+  ``jax.device_put`` would refuse a process-local array or key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from metajax.parallel import put_replicated, task_mesh
+    >>> state = put_replicated({"theta": jnp.zeros(3), "key": jax.random.key(0)}, task_mesh())
+    >>> state["theta"].sharding.is_fully_replicated
+    True
+  """
+  check_mesh(mesh)
+  return _replicate(tree, mesh)
 
 
 def shard_tasks(tasks: Any, mesh: Mesh) -> Any:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 TASK_AXIS = "tasks"
@@ -73,12 +74,24 @@ def check_batch(meta_batch_size: int, micro_batches: int, mesh: Mesh | None) -> 
 
 
 def replicate(tree, mesh: Mesh):
-  """``tree`` replicated over ``mesh`` (leaves already placed so are left as they are)."""
+  """``tree`` replicated over ``mesh``; leaves already placed so are left as they are.
+
+  Works across processes (``jax.distributed``), where ``jax.device_put`` cannot place a
+  process-local array (or a PRNG key) on devices of other processes: every process holds the
+  whole value, from which its devices' copies are made.
+  """
   target = NamedSharding(mesh, PartitionSpec())
+
   def put(x):
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
       return x
-    return jax.device_put(x, target)
+    if jax.process_count() == 1:
+      return jax.device_put(x, target)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
   return jax.tree.map(put, tree)
 
 
