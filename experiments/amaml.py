@@ -175,6 +175,32 @@ def run_one(name: str, steps: int, args, params, apply_fn, pools, key) -> dict:
           "final_train_loss": float(losses[-1]) if chunk_seconds else float("nan")}
 
 
+CELL_FLAGS = ("family", "step_size", "iterations", "chunk", "meta_batch", "meta_lr", "shots",
+              "queries", "reg", "tasks", "seed")  # what makes a cell's result the same result
+
+
+def cell(args, name: str, steps: int, run) -> dict:
+  """One cell's row: ``run()``, written to ``<out>/cells/`` as soon as it finishes, or the row an
+  earlier run of the same flags left there (a preempted grid resumes at its first unfinished
+  cell; a cell's own training is short and restarts)."""
+  path = os.path.join(args.out, "cells", f"{name}-{steps}.json")
+  flags = {flag: getattr(args, flag) for flag in CELL_FLAGS}
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+      if saved.get("flags") == flags:
+        return saved["row"]
+    except (OSError, ValueError, AttributeError, KeyError):
+      pass  # unreadable (killed while writing): run the cell again
+  row = run()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"flags": flags, "row": row}, f)
+  os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one
+  return row
+
+
 def report(rows, args) -> str:
   env = common.environment()
   lines = [
@@ -233,7 +259,8 @@ def main(argv=None):
   rows = []
   for name in args.solver_list:
     for steps in args.step_list:
-      rows.append(run_one(name, steps, args, params, apply_fn, pools, key_train))
+      rows.append(cell(args, name, steps,
+                       lambda: run_one(name, steps, args, params, apply_fn, pools, key_train)))
       print(rows[-1], flush=True)
   stem = os.path.join(args.out, f"amaml-{args.family}")
   with open(stem + ".json", "w", encoding="utf-8") as f:

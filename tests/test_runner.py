@@ -208,3 +208,22 @@ def test_sigterm_without_orbax_says_nothing_was_saved(capsys):
   assert stopped.value.code == runner.PREEMPTED
   assert ("SIGTERM: stopped at iteration 12 without a checkpoint (orbax-checkpoint is not "
           "installed).") in capsys.readouterr().err
+
+
+def test_amaml_grid_resumes_at_its_first_unfinished_cell(tmp_path):
+  """amaml.py's grid writes each finished cell atomically; a rerun with the same flags reuses it
+  (another flag, or a file cut short by a kill, runs the cell again)."""
+  from experiments import amaml
+  args = amaml.parse_args(["--out", str(tmp_path), "--iterations", "2", "--chunk", "1"])
+  calls = []
+  run = lambda: calls.append(1) or {"solver": "maml", "rmse": 0.5}
+  assert amaml.cell(args, "maml", 10, run) == {"solver": "maml", "rmse": 0.5}
+  assert amaml.cell(args, "maml", 10, lambda: pytest.fail("a finished cell ran again")) == {
+      "solver": "maml", "rmse": 0.5}
+  other = amaml.parse_args(["--out", str(tmp_path), "--iterations", "2", "--chunk", "1",
+                            "--seed", "1"])
+  amaml.cell(other, "maml", 10, run)
+  path = tmp_path / "cells" / "maml-10.json"
+  path.write_text(path.read_text()[:10])  # cut short
+  amaml.cell(other, "maml", 10, run)
+  assert len(calls) == 3 and not list((tmp_path / "cells").glob("*.tmp"))
