@@ -93,6 +93,35 @@ def test_checkpoint_adjoint_memory_is_bounded_in_trajectory_length():
   assert sizes[1] == sizes[0]  # memory is set by max_steps, not by the trajectory length
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_fixed_grid_caps_its_steps_and_is_unrolled_gd(dtype):
+  """A constant step with dt0 and t1 given: max_steps defaults to the grid's 5 steps (+1), so
+  diffrax's loop stores 6 steps, not 4096; Euler on the gradient flow is unrolled GD, whose
+  meta-gradient is the closed form (I - aA)^K (through jit and grad)."""
+  problem = linreg.Problem(dtype=dtype)
+  grid = dict(t1=0.5, solver=diffrax.Euler(), dt0=0.1,
+              stepsize_controller=diffrax.ConstantStepSize())
+  cotangent = problem.query_grad(problem.theta)
+  temps, grads = [], []
+  for max_steps in (None, 4096):
+    adapt = metajax.solvers.adjoint(linreg.loss_fn, max_steps=max_steps, **grid)
+    vjp = jax.jit(jax.grad(lambda t: jnp.vdot(linreg.flat_jnp(adapt(t, problem.support)),
+                                              jnp.asarray(cotangent, dtype))))
+    temps.append(vjp.lower(problem.params).compile().memory_analysis().temp_size_in_bytes)
+    grads.append(linreg.flat(vjp(problem.params)))
+  _, jacobian = problem.unrolled(5, 0.1)
+  for grad in grads:
+    assert linreg.rel_err(grad, jacobian.T @ cotangent) <= linreg.RTOL[dtype]
+  assert temps[0] * 2 < temps[1], temps  # (MLP, 25 tasks: 2.2 vs 42 MB)
+  _, info = jax.jit(metajax.solvers.adjoint(linreg.loss_fn, **grid).solve)(
+      problem.params, problem.support)
+  assert int(info.steps) == 5 and bool(info.success)
+  # t1 given at call time: the grid is not known ahead, the cap is the adaptive default
+  called = metajax.solvers.adjoint(linreg.loss_fn, **grid).solve(problem.params, problem.support,
+                                                                 t1=jnp.asarray(0.8, dtype))[1]
+  assert int(called.steps) == 8 and bool(called.success)
+
+
 def test_backsolve_adjoint_instance_equals_the_string_form():
   problem = linreg.Problem()
   grads = []

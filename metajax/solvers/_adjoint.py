@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.solvers import _common, _vma
 from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
@@ -15,6 +17,7 @@ from metajax.solvers.base import InnerSolver
 
 PyTree = Any
 ADJOINT_CHOICES = ("checkpoint", "backsolve")
+DEFAULT_MAX_STEPS = 4096  # the cap of adaptive (or call-time t1) solves
 
 
 def _adjoint_method(adjoint, solver, controller) -> diffrax.AbstractAdjoint:
@@ -61,7 +64,8 @@ class Adjoint(InnerSolver):
     super().__init__(loss_fn, throw=throw)
     _common.check_hyperparameter("t1", t1, strict=True)
     _common.check_hyperparameter("reg", reg, strict=False)
-    self.max_steps = _common.check_positive_int("max_steps", max_steps)
+    self.max_steps = (None if max_steps is None
+                      else _common.check_positive_int("max_steps", max_steps))
     self.solver = diffrax.Tsit5() if solver is None else solver
     if not isinstance(self.solver, diffrax.AbstractSolver):
       raise TypeError(f"solver must be a diffrax solver (e.g. diffrax.Tsit5()), got {solver!r}.")
@@ -82,6 +86,22 @@ class Adjoint(InnerSolver):
     self.t1, self.reg, self.dt0 = t1, reg, dt0
     self.stepsize_controller, self.rtol, self.atol, self.adjoint = (
         stepsize_controller, rtol, atol, adjoint)
+
+  def _step_cap(self, t1_call) -> int:
+    """``max_steps``, or with ``None`` the steps a fixed grid takes (known before the solve:
+    ``ConstantStepSize`` with ``dt0`` and a concrete ``t1`` from construction, or ``StepTo``),
+    else ``DEFAULT_MAX_STEPS``. diffrax's checkpointed loop costs time and memory per
+    *allowed* step, so a tight cap is what makes a short fixed grid cheap."""
+    if self.max_steps is not None:
+      return self.max_steps
+    controller = self.stepsize_controller
+    if isinstance(controller, diffrax.StepTo):
+      return len(controller.ts)  # len(ts) - 1 steps, one spare
+    if (isinstance(controller, diffrax.ConstantStepSize) and t1_call is None
+        and not _common.is_traced(self.t1)):
+      steps = math.ceil(float(np.asarray(self.t1)) / float(np.asarray(self.dt0)) * (1 - 1e-12))
+      return max(steps, 1) + 1  # one spare for a last step shortened by rounding
+    return DEFAULT_MAX_STEPS
 
   def _solve(self, params, support, *, t1=None, reg=None):
     _common.check_one_dtype(params, "adjoint")
@@ -143,7 +163,7 @@ class Adjoint(InnerSolver):
           diffrax.ODETerm(vector_field), self.solver, t0=jnp.zeros((), dtype),
           t1=jnp.ones((), dtype), dt0=first_step, y0=params, args=args,
           saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, adjoint=method,
-          max_steps=self.max_steps, throw=False)
+          max_steps=self._step_cap(t1), throw=False)
     except (TypeError, RuntimeError) as err:
       if any(k in str(err) for k in ("forward-mode", "jvp", "Unexpected tangent")):
         raise TypeError(
@@ -183,7 +203,7 @@ def adjoint(
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int = 4096,
+    max_steps: int | None = None,
     adjoint: str | diffrax.AbstractAdjoint = "checkpoint",
     throw: bool = True,
 ) -> Adjoint:
@@ -222,7 +242,12 @@ def adjoint(
       ``solver_defaults.md``: 1e-4 is ~4x faster on the sinusoid MLP). Non-smooth (ReLU)
       flows at tight tolerances can hit ``max_steps``: that raises.
     atol: absolute tolerance of the default controller; ``None``: as ``rtol``.
-    max_steps: step cap (static).
+    max_steps: step cap (static). ``None`` (default): the steps a fixed grid takes
+      (``stepsize_controller=diffrax.ConstantStepSize()`` with ``dt0`` and ``t1`` given
+      here, or ``diffrax.StepTo``), plus one; otherwise 4096. diffrax's checkpointed loop
+      costs time and memory per allowed step: Euler, 5 steps, sinusoid MLP, 25 tasks
+      (2-core CPU): 33 ms and 42 MB XLA temp at 4096 against 2.7 ms and 2.2 MB at 6 (MAML,
+      the same Euler steps unrolled: 1.1 ms).
     adjoint: ``"checkpoint"``, ``"backsolve"``, or any ``diffrax.AbstractAdjoint``.
     throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the time reached and the task
       when ``max_steps`` is hit, the ODE solver fails or the state becomes non-finite;
