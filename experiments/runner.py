@@ -66,12 +66,6 @@ class Trained:
       self.log.close()
 
 
-def replicate(tree, mesh):
-  """``tree`` replicated on every device of ``mesh`` (across processes too):
-  ``metajax.parallel.put_replicated``."""
-  return metajax.parallel.put_replicated(tree, mesh)
-
-
 def truncate_log(path: str, iteration: int) -> None:
   """Cuts ``path`` (JSON lines) after the last record up to ``iteration``.
 
@@ -167,13 +161,13 @@ def train(train_step, state, key, data=(), *, args, out: str, desc: str, metric:
   """
   primary = common.is_primary()
   if mesh is not None:
-    state, key, data = replicate((state, key, tuple(data)), mesh)
+    state, key, data = metajax.parallel.put_replicated((state, key, tuple(data)), mesh)
   manager = checkpoints.checkpoint_manager(os.path.join(out, "checkpoints"))
   state = checkpoints.resume(manager, state, args, run_flags=run_flags, write=primary)
   saved = checkpoints.latest_metadata(manager)
   key = _restored_key(saved, key)
   if mesh is not None and "key" in saved:
-    key = replicate(key, mesh)
+    key = metajax.parallel.put_replicated(key, mesh)
   start_step, before = int(state.step), float(saved.get("seconds", 0.0))
   log = None
   if primary:
@@ -199,23 +193,24 @@ def train(train_step, state, key, data=(), *, args, out: str, desc: str, metric:
         checkpoints.save(manager, state, {**_key_metadata(key), "seconds": seconds()})
       if stop:
         _stop(manager, bar, log, step, out)
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
-  if bar is not None:
-    bar.close()
+  _close(manager, bar)
   if mesh is not None:  # off the mesh, for evaluation on this process alone
     state = jax.device_put(jax.device_get(state), jax.local_devices()[0])
   return Trained(state, seconds(), start_step, log)
 
 
-def _stop(manager, bar, log, step: int, out: str):
-  """Waits for the checkpoint at ``step``, says so and exits with :data:`PREEMPTED`."""
+def _close(manager, bar) -> None:
+  """Waits for the checkpoint being written and closes the manager and the progress bar."""
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
   if bar is not None:
     bar.close()
+
+
+def _stop(manager, bar, log, step: int, out: str):
+  """Waits for the checkpoint at ``step``, says so and exits with :data:`PREEMPTED`."""
+  _close(manager, bar)
   if log is not None:
     log.close()
   saved = (f"with a checkpoint in {os.path.join(out, 'checkpoints')}; rerun the same command to "

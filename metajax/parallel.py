@@ -19,6 +19,7 @@ from metajax.meta._distribute import replicate as _replicate
 __all__ = ["TASK_AXIS", "put_replicated", "replicated", "shard_family", "shard_tasks", "task_mesh",
            "task_sharding"]
 
+
 def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named ``"tasks"`` over ``devices`` (default: all devices).
 

@@ -74,4 +74,11 @@ CASES = [
          lambda: _in_shard_map(S.adjoint(LOSS, t1=1.0)), NotImplementedError,
          r"metajax adjoint solver: diffrax's ODE solve cannot run inside jax.shard_map with "
          r"check_vma=True.*make_train_step\(\.\.\., mesh=mesh, shard_map=True\)"),
+    Case("parallel", "lower() on a train step that dispatches tasks per call",
+         lambda: metajax.meta.make_train_step(
+             lambda p, t: (jnp.sum(p), p), optax.sgd(0.1), metajax.tasks.sinusoid(),
+             meta_batch_size=8, tasks_per_call=4).lower(
+                 metajax.meta.init_train_state(jnp.zeros(2), optax.sgd(0.1)),
+                 jax.random.key(0)),
+         ValueError, r"this step dispatches 4 tasks per call: there is no one program to lower"),
 ]

@@ -183,7 +183,7 @@ def test_sigterm_sets_the_flag_and_the_handler_is_restored():
 def test_replicate_puts_state_key_and_data_on_every_device_of_the_mesh():
   mesh = metajax.parallel.task_mesh()
   key = jax.random.key(7)
-  state, placed_key, (images,) = runner.replicate(
+  state, placed_key, (images,) = metajax.parallel.put_replicated(
       (_state(), key, (np.arange(12, dtype=np.uint8).reshape(3, 4),)), mesh)
   for leaf in [*jax.tree.leaves(state), placed_key, images]:
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(

@@ -306,9 +306,7 @@ class _TrainStep:
   def lower(self, state: TrainState, key, *data):
     """The one-program step lowered for these arguments (``.compile().as_text()`` shows how it
     is partitioned over a mesh); not available when tasks are dispatched per call."""
-    if self._mesh is not None:
-      state, key, data = _distribute.replicate((state, key, data), self._mesh)
-    self._resolve(state, key, data)
+    state, key, data = self._prepare(state, key, data)
     if not self._one_program:
       raise ValueError(f"this step dispatches {self._per_call} tasks per call: there is no one "
                        "program to lower (pass tasks_per_call=None).")
@@ -322,7 +320,8 @@ class _TrainStep:
             "tasks": self._group_value_and_grad._cache_size(),
             "update": self._update._cache_size()}
 
-  def __call__(self, state: TrainState, key, *data):
+  def _prepare(self, state: TrainState, key, data: tuple):
+    """Checks the arguments, places them on the mesh, resolves ``tasks_per_call="auto"``."""
     if not isinstance(state, TrainState):
       raise TypeError(f"state must be a metajax.meta.TrainState (from init_train_state), got "
                       f"{type(state).__name__}.")
@@ -332,6 +331,10 @@ class _TrainStep:
     if self._mesh is not None:  # replicated on the mesh (a no-op once the step has placed it)
       state, key, data = _distribute.replicate((state, key, data), self._mesh)
     self._resolve(state, key, data)
+    return state, key, data
+
+  def __call__(self, state: TrainState, key, *data):
+    state, key, data = self._prepare(state, key, data)
     if self._one_program:
       return self._fused(state, key, *data)
     losses = []

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from metajax.solvers._result import RESULTS
-from metajax.solvers._vma import vary_like  # noqa: F401 (re-exported for the solvers)
 
 PyTree = Any
 

@@ -35,7 +35,7 @@ def vary_like(params: PyTree, *others: PyTree) -> PyTree:
   each device's adaptation local; the outer gradient with respect to the invariant input is still
   reduced by JAX (the transpose of this cast). Outside ``shard_map`` this returns ``params``.
   """
-  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+  if not in_manual_context():
     return params
   axes = varying_axes(others)
   if not axes:

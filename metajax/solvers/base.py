@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from metajax.solvers import _common
+from metajax.solvers import _common, _vma
 from metajax.solvers._result import AdaptInfo, nondifferentiable
 
 PyTree = Any
@@ -83,7 +83,7 @@ class InnerSolver(abc.ABC):
     self._check_hyperparameter_names(hyperparameters)
     self._check_inputs(params, support)
     # Inside shard_map, the inner loop adapts to this device's tasks only (see vary_like).
-    params = _common.vary_like(params, support, hyperparameters)
+    params = _vma.vary_like(params, support, hyperparameters)
     phi, info = self._solve(params, support, **hyperparameters)
     return phi, nondifferentiable(info)
 
