@@ -167,12 +167,14 @@ def test_per_call_groups_over_a_mesh_equal_one_device():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
-def test_unrolled_inside_a_default_shard_map_gives_the_meta_gradient(dtype):
+@pytest.mark.parametrize("name", ["unrolled", "implicit"])
+def test_default_solvers_inside_a_default_shard_map_give_the_meta_gradient(name, dtype):
   """Inside jax.shard_map (check_vma=True) each device's inner steps see its own tasks only
-  (an invariant theta would have its inner gradient summed over every device's tasks)."""
+  (an invariant theta would have its inner gradient summed over every device's tasks); the
+  implicit default (Barzilai-Borwein, no line search) runs there too."""
   problems, support, query = linreg.batch(8, dtype)
   tasks = metajax.tasks.Task(support, query)
-  objective = metajax.meta.meta_objective(TRAIN_SOLVERS["unrolled"](), linreg.loss_fn)
+  objective = metajax.meta.meta_objective(TRAIN_SOLVERS[name](), linreg.loss_fn)
   single = jax.jit(jax.grad(objective))(problems[0].params, tasks)
 
   def local(theta, tasks):
@@ -183,7 +185,8 @@ def test_unrolled_inside_a_default_shard_map_gives_the_meta_gradient(dtype):
   tol = 1e-12 if dtype == jnp.float64 else 1e-5
   assert linreg.rel_err(linreg.flat(sharded), linreg.flat(single)) <= tol
   closed_form = np.mean([jacobian.T @ p.query_grad(phi) for p in problems
-                         for phi, jacobian in [p.unrolled(5, 0.1)]], axis=0)
+                         for phi, jacobian in [p.unrolled(5, 0.1) if name == "unrolled"
+                                               else p.proximal(2.0)[:2]]], axis=0)
   assert linreg.rel_err(linreg.flat(sharded), closed_form) <= linreg.RTOL[dtype]
 
 

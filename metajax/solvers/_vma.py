@@ -67,7 +67,8 @@ def refuse_varying(support: PyTree, solver: str, what: str, *, gd_works: bool = 
                   "jax.shard_map(..., check_vma=False) with the meta-gradient reduced by "
                   "jax.lax.pmean"]
   if gd_works:
-    alternatives.append("optimizer=metajax.solvers.inner_optimizers.gd(step_size)")
+    alternatives.append("the default optimizer (inner_optimizers.barzilai_borwein()) or "
+                        "inner_optimizers.gd(step_size)")
   raise NotImplementedError(
       f"metajax {solver} solver: {what} cannot run inside jax.shard_map with check_vma=True "
       "(its loops mix per-device and replicated values, which JAX's varying-type check "

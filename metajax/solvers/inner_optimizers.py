@@ -1,7 +1,8 @@
 """Inner optimizers for the implicit solver, as objects: run to a tolerance, never differentiated.
 
-``implicit(loss_fn, reg=..., optimizer=gd(0.1))``, ``optimizer=lbfgs()``,
-``optimizer=newton_cg(cg_steps=20)``, or any optax ``GradientTransformation``.
+``implicit(loss_fn, reg=..., optimizer=barzilai_borwein())`` (the default), ``optimizer=gd(0.1)``,
+``optimizer=lbfgs()``, ``optimizer=newton_cg(cg_steps=20)``, or any optax
+``GradientTransformation``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import optax
 from metajax.solvers import _common, _loops, linear_solvers
 from metajax.solvers._result import RESULTS, all_finite, fixed_iteration_result
 
-__all__ = ["InnerOptimizer", "gd", "lbfgs", "newton_cg"]
+__all__ = ["InnerOptimizer", "barzilai_borwein", "gd", "lbfgs", "newton_cg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,28 @@ def gd(step_size: float) -> InnerOptimizer:
   """
   _common.check_hyperparameter("gd step_size", step_size, strict=True)
   return InnerOptimizer("gd", optax.sgd(float(step_size)))
+
+
+def barzilai_borwein() -> InnerOptimizer:
+  """Gradient descent with Barzilai-Borwein step sizes: scale-free, one gradient per iteration.
+
+  The first step is the exact line-search step of the local quadratic model along the gradient,
+  ``g'g / g'Hg`` (one Hessian-vector product); each later step is the "short" BB step
+  ``s'y / y'y`` (``s``, ``y``: the last change of the parameters and of the gradient), a
+  secant estimate of the inverse curvature, kept when ``s'y <= 0`` and never longer than
+  ``1 / reg`` (the step that solves the proximal term alone). No line search, so each iteration
+  costs one gradient, and under ``vmap`` no task waits on another's search. On a quadratic it
+  converges R-linearly (5-parameter linear regression: exact to 1e-12 in 20 iterations, the
+  closed-form tests); on the sinusoid MLP (ReLU, ``reg=2``) 20 iterations reach a median
+  relative stationarity residual of 7e-3 at a quarter of L-BFGS's cost
+  (``experiments/benchmarks/solver_defaults.md``).
+
+  Examples:
+    >>> from metajax.solvers import inner_optimizers
+    >>> inner_optimizers.barzilai_borwein().name
+    'barzilai_borwein'
+  """
+  return InnerOptimizer("barzilai_borwein")
 
 
 def lbfgs(*, memory_size: int = 10) -> InnerOptimizer:
@@ -112,9 +135,33 @@ def _newton_cg_step(objective, phi, value, grad, cg_steps):
   return trial(t)
 
 
+def _barzilai_borwein_step(x, grad, value_and_grad, step_size, max_step):
+  """One gradient step of ``step_size``; returns the new point, value, gradient and the next
+  (short) Barzilai-Borwein step ``s'y / y'y``, kept when ``s'y <= 0``, at most ``max_step``."""
+  x_new = _common.tree_axpy(-step_size, grad, x)
+  value, grad_new = value_and_grad(x_new)
+  s, y = _common.tree_sub(x_new, x), _common.tree_sub(grad_new, grad)
+  sy, yy = _common.tree_vdot(s, y), _common.tree_vdot(y, y)
+  tiny = jnp.finfo(sy.dtype).tiny
+  step_size = jnp.where(sy > 0, sy / jnp.maximum(yy, tiny), step_size)
+  return x_new, value, grad_new, jnp.minimum(step_size, max_step)
+
+
+def _cauchy_step(objective, x, grad, max_step):
+  """``g'g / g'Hg``, the exact step along ``-g`` on the local quadratic model (``max_step``
+  where the curvature along ``g`` is not positive), at most ``max_step``."""
+  hg = jax.jvp(jax.grad(objective), (x,), (grad,))[1]
+  gg, ghg = _common.tree_vdot(grad, grad), _common.tree_vdot(grad, hg)
+  step = jnp.where(ghg > 0, gg / jnp.maximum(ghg, jnp.finfo(gg.dtype).tiny), max_step)
+  return jnp.minimum(step, max_step)
+
+
 def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
              unroll: bool | str = "auto") -> Callable:
-  """Builds ``solve(objective, x0) -> MinimizeResult``.
+  """Builds ``solve(objective, x0, max_step) -> MinimizeResult``.
+
+  ``max_step`` bounds the Barzilai-Borwein steps (the implicit solver passes ``1 / reg``);
+  other optimizers ignore it.
 
   Stops after ``steps`` iterations or when ``||grad|| <= tol * ||grad(x0)||``; the result is
   ``successful`` when that held, ``max_steps_reached`` when the cap came first, ``nonfinite``
@@ -128,15 +175,20 @@ def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
   transformation = optimizer.transformation
   extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
   from_state = optimizer.name == "lbfgs"
+  bb = optimizer.name == "barzilai_borwein"
 
-  def solve(objective, x0) -> MinimizeResult:
+  def solve(objective, x0, max_step=jnp.inf) -> MinimizeResult:
     dtype = _common.params_dtype(x0)
     rtol = tol if tol is not None else _common.default_tol(dtype, float64=1e-10, float32=2e-2)
     value_and_grad = jax.value_and_grad(objective)
     value0, grad0 = value_and_grad(x0)
     norm0 = _common.tree_norm(grad0)
     threshold = rtol * norm0
-    state0 = None if transformation is None else transformation.init(x0)
+    if bb:
+      max_step = jnp.asarray(max_step, value0.dtype)
+      state0 = _cauchy_step(objective, x0, grad0, max_step)
+    else:
+      state0 = None if transformation is None else transformation.init(x0)
 
     def cond(carry):
       i, _, _, _, grad = carry
@@ -145,7 +197,9 @@ def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
 
     def body(carry):
       i, x, state, value, grad = carry
-      if transformation is None:  # newton_cg
+      if bb:  # the state is the next step size
+        x, value, grad, state = _barzilai_borwein_step(x, grad, value_and_grad, state, max_step)
+      elif transformation is None:  # newton_cg
         x = _newton_cg_step(objective, x, value, grad, optimizer.cg_steps)
         value, grad = value_and_grad(x)
       else:
