@@ -7,7 +7,9 @@ with its own inner solver at test time; the table reports query RMSE after
 adaptation over the test tasks with 95% confidence intervals.
 
 Inner problem: K=20 steps of 0.05 (unrolled), the gradient flow to t1 = 1.0
-(adjoint, Tsit5, checkpoint adjoint), and iMAML's proximal problem with reg=1
+(adjoint with its defaults: since 2026-11-24 a fixed grid of 10 Euler steps; the committed
+``results/cosmixture.txt`` was measured with the adaptive Tsit5 solve, ``steps=None``), and
+iMAML's proximal problem with reg=1
 (A-MAML's code uses the same proximal strength) solved by 20 GD steps of 0.05
 with 5 CG steps.
 

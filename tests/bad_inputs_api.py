@@ -136,6 +136,13 @@ CASES = [
          ValueError, "rtol/atol configure the default controller"),
     Case("solvers", "adjoint negative dt0", lambda: S.adjoint(_quad, t1=1.0, dt0=-0.1),
          ValueError, "dt0 must be > 0"),
+    Case("solvers", "adjoint steps=0", lambda: S.adjoint(_quad, t1=1.0, steps=0),
+         ValueError, "steps must be >= 1"),
+    Case("solvers", "adjoint steps=2.5", lambda: S.adjoint(_quad, t1=1.0, steps=2.5),
+         TypeError, "steps must be"),
+    Case("solvers", "adjoint steps together with rtol",
+         lambda: S.adjoint(_quad, t1=1.0, steps=20, rtol=1e-4), ValueError,
+         r"steps=20 sets the default fixed grid, but rtol chooses the steps instead"),
     # --- solvers: calls ---------------------------------------------------------------------
     Case("solvers", "return_info=True passed at call time (old API)",
          lambda: _adapt("unrolled")(THETA, SUPPORT, return_info=True), TypeError,

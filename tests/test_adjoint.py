@@ -56,7 +56,7 @@ def test_throw_on_non_finite_state():
 
 def test_proximal_term_matches_shifted_closed_form():
   problem = linreg.Problem()
-  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, reg=0.7)
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, reg=0.7, steps=None)
   import scipy.linalg
   A, c = problem.A + 0.7 * np.eye(5), problem.c + 0.7 * problem.theta
   p_inf = np.linalg.solve(A, c)
@@ -71,7 +71,8 @@ def test_bad_settings_name_the_argument():
                         ({"t1": 1.0, "stepsize_controller": diffrax.ConstantStepSize()},
                          "dt0 is required"),
                         ({"t1": 1.0, "solver": "rk4"}, "solver must be a diffrax solver"),
-                        ({"t1": 1.0, "max_steps": 0}, "max_steps must be >= 1")]:
+                        ({"t1": 1.0, "max_steps": 0}, "max_steps must be >= 1"),
+                        ({"t1": 1.0, "steps": 0}, "steps must be >= 1")]:
     with pytest.raises((ValueError, TypeError), match=match):
       metajax.solvers.adjoint(linreg.loss_fn, **kwargs)(problem.params, problem.support)
   adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0)
@@ -126,7 +127,7 @@ def test_backsolve_adjoint_instance_equals_the_string_form():
   problem = linreg.Problem()
   grads = []
   for method in ("backsolve", diffrax.BacksolveAdjoint()):
-    adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, adjoint=method)
+    adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, steps=None, adjoint=method)
     grads.append(linreg.flat(jax.grad(
         lambda t: linreg.loss_fn(adapt(t, problem.support), problem.query))(problem.params)))
   phi, E, _ = problem.gradient_flow(1.0)
@@ -140,7 +141,7 @@ def test_t1_100_matches_the_closed_form():
   benchmark's 8e4), not the solver: compare absolutely."""
   problem = linreg.Problem()
   _, expected, _ = problem.gradient_flow(100.0)
-  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=100.0)
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=100.0, steps=None)
   jac = jax.jit(jax.jacrev(lambda theta: linreg.flat_jnp(adapt(linreg.unflat_jnp(theta),
                                                                 problem.support))))(
       jnp.asarray(problem.theta))
@@ -158,7 +159,7 @@ def test_t1_100_slow_modes_relative_error():
   Aq, cq = np.eye(5), rng.normal(size=5)
   loss = lambda p, batch: 0.5 * p @ batch[0] @ p - batch[1] @ p
   query_loss = lambda p: 0.5 * p @ jnp.asarray(Aq) @ p - jnp.asarray(cq) @ p
-  adapt = metajax.solvers.adjoint(loss, t1=100.0)
+  adapt = metajax.solvers.adjoint(loss, t1=100.0, steps=None)
   support = (jnp.asarray(A), jnp.asarray(c))
   grad = jax.jit(jax.grad(lambda t: query_loss(adapt(t, support))))(jnp.asarray(theta))
   E = scipy.linalg.expm(-100.0 * A)
@@ -167,3 +168,24 @@ def test_t1_100_slow_modes_relative_error():
   expected = E.T @ (Aq @ phi - cq)
   assert np.linalg.norm(expected) > 0.1
   assert linreg.rel_err(grad, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_default_grid_is_gradient_descent_with_a_learnable_horizon(dtype):
+  """The default: 10 Euler steps of t1/10, i.e. 10 GD steps, with t1 passed at call time
+  (traced) keeping the count; d(query loss)/d t1 equals the closed form's derivative."""
+  problem = linreg.Problem(dtype=dtype)
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0)
+  outer = lambda theta, t1: linreg.loss_fn(adapt(theta, problem.support, t1=t1), problem.query)
+  g_theta, g_t1 = jax.jit(jax.grad(outer, argnums=(0, 1)))(problem.params, jnp.asarray(0.8, dtype))
+  phi, jac = problem.unrolled(10, 0.08)
+  tol = linreg.RTOL[dtype]
+  assert linreg.rel_err(linreg.flat(g_theta), jac.T @ problem.query_grad(phi)) <= tol
+
+  def closed_loss(t1):
+    phi_t = problem.unrolled(10, t1 / 10)[0]
+    return 0.5 * np.mean((np.c_[problem.xq, np.ones(len(problem.xq))] @ phi_t - problem.yq) ** 2)
+  expected = (closed_loss(0.8 + 1e-6) - closed_loss(0.8 - 1e-6)) / 2e-6
+  assert abs(float(g_t1) - expected) <= (1e-6 if dtype == jnp.float64 else 1e-3) * abs(expected)
+  _, info = jax.jit(adapt.solve)(problem.params, problem.support)
+  assert int(info.steps) == 10 and bool(info.success)

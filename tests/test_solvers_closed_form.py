@@ -31,9 +31,15 @@ SOLVERS = {
     "implicit_newton_cg": (lambda: metajax.solvers.implicit(linreg.loss_fn, reg=0.5,
                                                             optimizer=metajax.solvers.inner_optimizers.newton_cg()),
                            lambda p: p.proximal(0.5)[:2], 1e-5, 1e-3),
+    # The default: 10 Euler steps of t1/10, i.e. gradient descent, differentiated through the
+    # grid (every step stored); 20 steps are checkpointed recursively.
     "adjoint": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5),
-                lambda p: p.gradient_flow(1.5)[:2], 1e-5, 1e-3),
-    "adjoint_backsolve": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5,
+                lambda p: p.unrolled(10, 0.15), 1e-8, 1e-4),
+    "adjoint_grid_20": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5, steps=20),
+                        lambda p: p.unrolled(20, 0.075), 1e-8, 1e-4),
+    "adjoint_adaptive": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5, steps=None),
+                         lambda p: p.gradient_flow(1.5)[:2], 1e-5, 1e-3),
+    "adjoint_backsolve": (lambda: metajax.solvers.adjoint(linreg.loss_fn, t1=1.5, steps=None,
                                                           adjoint="backsolve"),
                           lambda p: p.gradient_flow(1.5)[:2], 1e-5, 1e-3),
 }
@@ -133,7 +139,7 @@ def test_implicit_reg_gradient_matches_closed_form():
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
 def test_adjoint_t1_and_reg_gradients(adjoint):
   problem = linreg.Problem()
-  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, adjoint=adjoint)
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=1.0, steps=None, adjoint=adjoint)
   outer = lambda t1: linreg.loss_fn(adapt(problem.params, problem.support, t1=t1), problem.query)
   g = jax.jit(jax.grad(outer))(0.8)
   phi, _, dphi_dt = problem.gradient_flow(0.8)

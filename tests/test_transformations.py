@@ -21,19 +21,28 @@ SOLVERS = {
                  lambda p: p.unrolled(4, 0.3), 1e-9),
     "implicit": (lambda loss: S.implicit(loss, reg=2.0),
                  lambda p: p.proximal(2.0)[:2], 1e-6),
-    "adjoint": (lambda loss: S.adjoint(loss, t1=0.7),
-                lambda p: p.gradient_flow(0.7)[:2], 1e-6),
-    "adjoint_backsolve": (lambda loss: S.adjoint(loss, t1=0.7, adjoint="backsolve"),
+    "adjoint": (lambda loss: S.adjoint(loss, t1=0.7),  # the default grid: 10 GD steps of 0.07
+                lambda p: p.unrolled(10, 0.07), 1e-9),
+    "adjoint_adaptive": (lambda loss: S.adjoint(loss, t1=0.7, steps=None),
+                         lambda p: p.gradient_flow(0.7)[:2], 1e-6),
+    "adjoint_backsolve": (lambda loss: S.adjoint(loss, t1=0.7, steps=None, adjoint="backsolve"),
                           lambda p: p.gradient_flow(0.7)[:2], 1e-5),
-    "adjoint_forward": (lambda loss: S.adjoint(loss, t1=0.7, adjoint=diffrax.ForwardMode()),
+    "adjoint_forward": (lambda loss: S.adjoint(loss, t1=0.7, steps=None,
+                                               adjoint=diffrax.ForwardMode()),
                         lambda p: p.gradient_flow(0.7)[:2], 1e-6),
 }
 # (solver, transformation) -> regex of the error an unsupported cell raises.
 UNSUPPORTED = {
     ("adjoint", "jvp"): "supports reverse mode only",
     ("adjoint", "jacfwd"): "supports reverse mode only",
-    ("adjoint", "hessian"): "supports reverse mode only",
+    # hessian (forward over reverse) works on the default grid: its steps are stored, so the
+    # backward pass is a plain scan JAX can push tangents through.
     ("adjoint", "grad_grad"): "Reverse-mode differentiation does not work for lax.while_loop",
+    ("adjoint_adaptive", "jvp"): "supports reverse mode only",
+    ("adjoint_adaptive", "jacfwd"): "supports reverse mode only",
+    ("adjoint_adaptive", "hessian"): "supports reverse mode only",
+    ("adjoint_adaptive", "grad_grad"): "Reverse-mode differentiation does not work for "
+                                       "lax.while_loop",
     ("adjoint_backsolve", "jvp"): "supports reverse mode only",
     ("adjoint_backsolve", "jacfwd"): "supports reverse mode only",
     ("adjoint_backsolve", "hessian"): "supports reverse mode only",

@@ -97,8 +97,11 @@ def test_closure_over_a_vmapped_value_in_every_solver():
   # d phi / d theta = reg / (w + reg) per coordinate (implicit), exp(-w t1) (flow),
   # (1 - a w)^K (unrolled).
   np.testing.assert_allclose(grad(lambda loss: S.implicit(loss, reg=1.0)), 0.5 + 1 / 3, rtol=1e-6)
-  np.testing.assert_allclose(grad(lambda loss: S.adjoint(loss, t1=0.5)),
+  np.testing.assert_allclose(grad(lambda loss: S.adjoint(loss, t1=0.5, steps=None)),
                              np.exp(-0.5) + np.exp(-1.0), rtol=1e-6)
+  # the default grid: 10 Euler steps of 0.05, (1 - 0.05 w)^10
+  np.testing.assert_allclose(grad(lambda loss: S.adjoint(loss, t1=0.5)),
+                             0.95 ** 10 + 0.9 ** 10, rtol=1e-6)
   np.testing.assert_allclose(grad(lambda loss: S.unrolled(loss, steps=3, step_size=0.1)),
                              0.9 ** 3 + 0.8 ** 3, rtol=1e-10)
 

@@ -1,7 +1,8 @@
 """Meta-iterations per second against the number of devices: the train step over a mesh.
 
 Workload: sinusoid MLP 1-40-40-1 ReLU, meta-batch 32 (10-shot), Adam 1e-3, float32;
-MAML (5 steps of 0.01), iMAML and the adjoint with their defaults (``reg=2``, ``t1=0.05``).
+MAML (5 steps of 0.01), iMAML and the adjoint with their defaults (``reg=2``, ``t1=0.05``;
+``scaling.md`` was measured with the defaults before 2026-11-24: L-BFGS and adaptive Tsit5).
 For each device count (fake CPU devices here: ``XLA_FLAGS=--xla_force_host_platform_device_count``,
 one subprocess per count) three train steps run the same iterations from the same key:
 no mesh (the baseline, measured in the same process), ``mesh=`` (jit partitions the task axis)
