@@ -189,3 +189,19 @@ def test_default_grid_is_gradient_descent_with_a_learnable_horizon(dtype):
   assert abs(float(g_t1) - expected) <= (1e-6 if dtype == jnp.float64 else 1e-3) * abs(expected)
   _, info = jax.jit(adapt.solve)(problem.params, problem.support)
   assert int(info.steps) == 10 and bool(info.success)
+
+
+def test_each_trace_converts_the_loss_as_it_is_then():
+  """jax.closure_convert memoizes on the function object: reusing its conversion across traces
+  gave later traces the first trace's constants (here a stale weight: a silently wrong flow;
+  with traced constants an "Execution supplied 19 arguments but compiled program expected 24"
+  or UnexpectedTracerError, seen on the few-shot Conv4 after the train step's probe trace)."""
+  weight = {"value": 1.0}
+  loss = lambda p, b: weight["value"] * 0.5 * jnp.sum((p - b) ** 2)
+  adapt = metajax.solvers.adjoint(loss, t1=1.0, steps=None)
+  theta, target = jnp.zeros(2), jnp.ones(2)
+  first = jax.jit(lambda t: adapt(t, target))(theta)
+  np.testing.assert_allclose(first, 1 - np.exp(-1.0), rtol=1e-6)
+  weight["value"] = 2.0
+  second = jax.jit(lambda t: adapt(t, target) * 1.0)(theta)  # a new trace
+  np.testing.assert_allclose(second, 1 - np.exp(-2.0), rtol=1e-6)

@@ -144,7 +144,12 @@ class Adjoint(InnerSolver):
       reg_ = jnp.where(hyper_result == 0, reg_, jnp.zeros_like(reg_))
     # Closure conversion: traced values loss_fn closes over become ODE arguments, which
     # every diffrax adjoint (BacksolveAdjoint too) differentiates.
-    loss_fn, consts = jax.closure_convert(self.loss_fn, params, support)
+    # jax.closure_convert memoizes on the function object and argument types: for the same
+    # loss_fn traced again (a later jit, a probe trace, evaluate after training) it would hand
+    # back the constants of the first trace, stale tracers among them ("Execution supplied 19
+    # arguments but compiled program expected 24", UnexpectedTracerError). A fresh function
+    # per solve keeps the conversion to this trace.
+    loss_fn, consts = jax.closure_convert(lambda p, b: self.loss_fn(p, b), params, support)
     grad_fn = jax.grad(loss_fn)
 
     def drift(phi, args):
