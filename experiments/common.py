@@ -94,7 +94,7 @@ def add_solver_flags(parser, *, inner_steps: int, inner_lr: float, solvers=SOLVE
   parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
   parser.add_argument("--cg-steps", type=int, default=5, help="iMAML linear-solve iterations")
   parser.add_argument("--cg-ridge", type=float, default=0.0,
-                      help="iMAML linear-solve damping (official code: 1.0)")
+                      help="iMAML linear-solve damping (official code: 11 at reg 2)")
   parser.add_argument("--t1", type=float, default=None,
                       help="adjoint horizon (default inner_steps * inner_lr)")
 
@@ -237,7 +237,8 @@ def make_adapt(args, loss_fn):
                                                         ridge=getattr(args, "cg_ridge", 0.0))), ()
   if args.solver == "adjoint":
     t1 = args.t1 if args.t1 is not None else args.inner_steps * args.inner_lr
-    return s.adjoint(loss_fn, t1=t1), ()
+    grid = getattr(args, "ode_steps", None)  # None: the solver's default grid
+    return s.adjoint(loss_fn, t1=t1, **({} if grid is None else {"steps": grid})), ()
   raise ValueError(f"unknown --solver {args.solver!r}; choose from {CLASSIC_SOLVERS}.")
 
 

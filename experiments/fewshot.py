@@ -4,8 +4,10 @@ Solvers: MAML, first-order MAML, Meta-SGD, Reptile, iMAML and the adjoint
 solver (``--solver``). Named configs carry the papers' hyperparameters
 (``--config``): MAML Omniglot 5-way (1 step alpha=0.4, meta-batch 32, 3 steps
 at test), 20-way (5 steps alpha=0.1, meta-batch 16), miniImageNet (5 steps
-alpha=0.01, 10 at test, meta-batch 4 / 2); iMAML reg=2, 5 CG steps damped by
-1.0 (the official code's cg_damping), 16 inner steps. Evaluation adapts on 600
+alpha=0.01, 10 at test, meta-batch 4 / 2); iMAML reg=2, 16 inner GD steps, 5 CG
+steps on the official code's damped operator (``official_ridge``), tested as its
+paper tests (reg 0: plain GD). The adjoint trains on the flow to ``adjoint_t1``
+and tests on the flow to MAML's test horizon. Evaluation adapts on 600
 test tasks and reports accuracy with 95% confidence intervals. ``--baseline``
 also trains the same network on all meta-train classes and fine-tunes it on
 each test task (non-meta-learned).
@@ -74,15 +76,23 @@ class Config:
   iterations: int = 60_000
   imaml_inner_steps: int = 16
   imaml_inner_lr: float = 0.1
+  imaml_reg: float = 2.0
+  imaml_cg_steps: int = 5
+  imaml_test_steps: int = 16  # iMAML's test protocol: reg 0, 16 GD steps of imaml_inner_lr
+  adjoint_t1: float | None = None  # None: inner_steps * inner_lr
+  adjoint_steps: int = 10  # the adjoint's fixed Euler grid (its default)
   pretrain_steps: int = 2000
 
 
 CONFIGS = {
     # Real data shipped with scikit-learn: classes 0-4 (+ rotations) meta-train, 5-9 meta-test.
-    # MAML's Omniglot 5-way protocol (1 step alpha=0.4, 3 at test), meta-batch 16.
+    # MAML's Omniglot 5-way protocol (1 step alpha=0.4, 3 at test), meta-batch 16. iMAML and
+    # the adjoint at <= 3x MAML's time per meta-iteration (benchmarks/fewshot_solvers.md):
+    # iMAML 5 GD steps of 0.2 on reg 1, 3 CG steps; the adjoint 2 Euler steps to t1 = 0.8.
     "digits": Config("digits", ways=5, queries=10, filters=32, blocks=3, rotations=True,
                      inner_steps=1, inner_lr=0.4, test_steps=3, meta_batch=16,
-                     iterations=1000, imaml_inner_steps=5, imaml_inner_lr=0.1,
+                     iterations=1000, imaml_inner_steps=5, imaml_inner_lr=0.2, imaml_reg=1.0,
+                     imaml_cg_steps=3, imaml_test_steps=12, adjoint_t1=0.8, adjoint_steps=2,
                      pretrain_steps=1000),
     "omniglot-5way": Config("omniglot", ways=5, strided=True, rotations=True, inner_steps=1,
                             inner_lr=0.4, test_steps=3, meta_batch=32),
@@ -159,6 +169,21 @@ def check_data(args, config: Config, data) -> None:
                        f"per task; the {split} split has {available}.")
 
 
+def official_ridge(reg: float, cg_damping: float = 1.0, lam_damping: float = 10.0) -> float:
+  """The ``ridge`` at which ``cg`` solves iMAML's official operator.
+
+  The official code (``imaml_dev``) runs CG on ``(1 + cg_damping) v + H v / (reg + lam_damping)``
+  (``lam_damping`` hard-coded to 10). Times ``(reg + lam_damping) / reg`` that is ``(I + H / reg +
+  ridge I) v`` with the ridge returned here, and CG from zero is invariant to that scale (Adam,
+  the outer optimizer, nearly so): reg=2 gives ridge 11, not ``cg_damping`` alone.
+
+  Example:
+    >>> official_ridge(2.0)
+    11.0
+  """
+  return (1.0 + cg_damping) * (reg + lam_damping) / reg - 1.0
+
+
 def solver_args(args, config: Config):
   """The flags common.make_adapt and recipes.build read, filled from the config. MAML++ trains
   with the test-time number of steps (as its paper does)."""
@@ -166,7 +191,9 @@ def solver_args(args, config: Config):
   steps = {"imaml": config.imaml_inner_steps, "mamlpp": config.test_steps}.get(
       args.solver, config.inner_steps)
   return argparse.Namespace(
-      solver=args.solver, reg=2.0, cg_steps=5, cg_ridge=1.0, t1=None, inner_steps=steps,
+      solver=args.solver, reg=config.imaml_reg, cg_steps=config.imaml_cg_steps,
+      cg_ridge=official_ridge(config.imaml_reg), t1=config.adjoint_t1,
+      ode_steps=config.adjoint_steps, inner_steps=steps,
       inner_lr=config.imaml_inner_lr if imaml else config.inner_lr,
       meta_lr=config.meta_lr, iterations=getattr(args, "iterations", config.iterations),
       context_size=getattr(args, "context_size", 100),
@@ -212,16 +239,22 @@ def eval_chunk(config: Config) -> int:
   return max(1, 48 // config.test_steps)
 
 
-def make_finetune(args, config: Config, adapt, loss_fn, meta_params, learn):
+def make_finetune(args, config: Config, loss_fn, meta_params, learn):
   """The test-time adaptation and the initialization it starts from: ``(finetune, theta)``.
 
-  iMAML and the adjoint solver adapt with the solver they were trained with. The others follow
-  MAML's protocol, ``config.test_steps`` gradient steps of ``config.inner_lr``; Meta-SGD takes
-  them with its learned per-parameter step sizes ``meta_params['step_size']``.
+  iMAML tests as its paper does: no proximal term, ``config.imaml_test_steps`` GD steps of
+  ``config.imaml_inner_lr``. The adjoint integrates the gradient flow to MAML's test horizon
+  ``config.test_steps * config.inner_lr`` on a grid of ``config.test_steps`` steps. The others
+  follow MAML's protocol, ``config.test_steps`` gradient steps of ``config.inner_lr``; Meta-SGD
+  takes them with its learned per-parameter step sizes ``meta_params['step_size']``.
   """
   theta = meta_params["params"] if learn else meta_params
-  if args.solver in ("imaml", "adjoint"):
-    return adapt, theta
+  if args.solver == "imaml":
+    return metajax.solvers.unrolled(loss_fn, steps=config.imaml_test_steps,
+                                    step_size=config.imaml_inner_lr), theta
+  if args.solver == "adjoint":
+    return metajax.solvers.adjoint(loss_fn, t1=config.test_steps * config.inner_lr,
+                                   steps=config.test_steps), theta
   if args.solver != "metasgd":
     return metajax.solvers.unrolled(loss_fn, steps=config.test_steps,
                                     step_size=config.inner_lr), theta
@@ -247,7 +280,7 @@ def main(argv=None):
       sargs, lambda context: make_model(config, config.ways, key_init, image_shape, context),
       metajax.meta.cross_entropy_loss, jax.random.fold_in(key_init, 1), outputs=config.ways,
       classification=True)
-  adapt, learn, loss_fn, apply_fn = recipe.adapt, recipe.learn, recipe.loss_fn, recipe.apply_fn
+  learn, loss_fn, apply_fn = recipe.learn, recipe.loss_fn, recipe.apply_fn
   optimizer = common.outer_optimizer(sargs)
   sample = metajax.tasks.episodes(ways=config.ways, shots=args.shots, queries=config.queries,
                                   rotations=config.rotations)
@@ -271,7 +304,7 @@ def main(argv=None):
   test_tasks = metajax.tasks.episodes(ways=config.ways, shots=args.shots,
                                       queries=config.queries)(key_eval, args.eval_tasks,
                                                               test_images)
-  finetune, theta = (make_finetune(args, config, adapt, loss_fn, state.meta_params, learn)
+  finetune, theta = (make_finetune(args, config, loss_fn, state.meta_params, learn)
                      if args.solver in recipes.CLASSIC
                      else recipe.finetune(state.meta_params, config.test_steps))
   per_task = metajax.meta.evaluate_per_task(finetune, metajax.meta.accuracy(apply_fn), theta,

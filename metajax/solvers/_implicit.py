@@ -229,7 +229,8 @@ def implicit(
       ``I + H/reg`` is indefinite where a ReLU net's Hessian has eigenvalues below ``-reg``,
       and an exact ``cg()`` then missed its tolerance on 72 of 500 sinusoid tasks). It solves
       systems of up to 5 parameters exactly. ``cg()`` solves to 1e-10 (float64) / 1e-6
-      (float32); ``cg(ridge=1.0)`` damps the system as iMAML's official code does (biased).
+      (float32); ``cg(ridge=r)`` damps the system (biased). iMAML's official code solves
+      ``2 v + H v / (reg + 10)``: ``ridge = 2 (reg + 10) / reg - 1`` up to scale (11 at reg=2).
     throw: raise (a ``JaxRuntimeError`` under ``jit``) naming the stage, the task and the
       residual reached when the inner solve or the linear solve fails, or a NaN appears;
       ``False`` reports it in ``AdaptInfo.result`` instead.

@@ -6,9 +6,11 @@ uses in its backward
 pass. ``tol=None`` picks a tolerance from the dtype of ``b`` (1e-10 in float64,
 1e-6 in float32); ``tol=0`` runs exactly ``maxiter`` iterations, as in iMAML's
 "5 CG steps". ``ridge`` solves ``(A + ridge I) x = b`` instead: a damped
-system, as iMAML's official code (``cg_damping``) uses to keep CG stable when
-the inner Hessian is indefinite; it biases the meta-gradient, so the default
-is 0.
+system, as iMAML's official code uses to keep CG stable when the inner Hessian
+is indefinite (it solves ``(1 + cg_damping) v + H v / (reg + 10)``, which is
+``ridge = (1 + cg_damping) (reg + 10) / reg - 1`` on ``I + H / reg`` up to
+scale: 11 at its reg=2, cg_damping=1); it biases the meta-gradient, so the
+default is 0.
 """
 
 from __future__ import annotations
