@@ -191,7 +191,13 @@ CASES = [
          r"implicit solver, inner stage \(proximal problem\) \(task 2; 1 of 3 tasks failed\)"),
     Case("solvers", "a loss that returns NaN (adjoint)",
          lambda: jax.jit(S.adjoint(lambda p, b: jnp.sum(p) * jnp.nan, t1=1.0))(THETA, SUPPORT),
-         RUNTIME, "adjoint solver, ODE stage.*non-finite"),
+         RUNTIME, "adjoint solver, ODE stage .gradient flow, fixed grid: steps=10.*non-finite.*"
+         "the step size"),
+    Case("solvers", "adjoint default grid past the flow's stability limit (t1=50, 10 steps of 5)",
+         lambda: jax.jit(S.adjoint(_quad, t1=50.0))(THETA, SUPPORT), RUNTIME,
+         r"adjoint solver, ODE stage \(gradient flow, fixed grid: steps=10 Euler steps of "
+         r"t1/steps, the step size; raise steps=.*diverged.*lower the inner step size.*time=50, "
+         r"t1=50, ode_steps=10"),
     Case("solvers", "diverging unrolled inner loop (step size too large)",
          lambda: jax.jit(S.unrolled(_quad, steps=200, step_size=50.0))(THETA, SUPPORT), RUNTIME,
          "unrolled solver, inner stage.*non-finite"),

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from metajax.solvers import _common, _vma
-from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
+from metajax.solvers._result import (
+  RESULTS,
+  AdaptInfo,
+  all_finite,
+  error_if,
+  fixed_iteration_result,
+)
 from metajax.solvers.base import InnerSolver
 
 PyTree = Any
@@ -209,11 +215,20 @@ class Adjoint(InnerSolver):
         jnp.where(sol.result == diffrax.RESULTS.max_steps_reached, RESULTS.max_steps_reached,
                   RESULTS.ode_failed))
     residual = _common.tree_norm(drift(phi, args))  # NaN when the loss or its gradient is
-    result = jnp.where(all_finite(phi) & jnp.isfinite(residual), result, RESULTS.nonfinite)
+    finite = all_finite(phi) & jnp.isfinite(residual)
+    result = jnp.where(finite, result, RESULTS.nonfinite)
+    if self.grid:  # no error control: a grid step past the stability limit grows the drift
+      initial = _common.tree_norm(drift(jax.lax.stop_gradient(params), args))
+      result = jnp.where(result == RESULTS.successful,
+                         fixed_iteration_result(finite, jax.lax.stop_gradient(residual), initial),
+                         result)
     result = jnp.where(hyper_result != 0, hyper_result, result).astype(jnp.int32)
     time_reached = sol.ts[-1] * t1_
     if self.throw:
-      phi = error_if(phi, result, "metajax adjoint solver, ODE stage (gradient flow)",
+      stage = (f"gradient flow, fixed grid: steps={self.steps} Euler steps of t1/steps, the "
+               "step size; raise steps= to shorten it, or pass steps=None for the adaptive "
+               "solve") if self.grid else "gradient flow"
+      phi = error_if(phi, result, f"metajax adjoint solver, ODE stage ({stage})",
                      time=time_reached, t1=reported_t1, ode_steps=steps, reg=reg_)
     info = AdaptInfo(
         result=result, steps=steps,
