@@ -292,7 +292,11 @@ def adjoint(
       result is exactly
       ``steps`` gradient-descent steps of ``t1 / steps`` (tested against that closed form),
       differentiated through the grid. Raise ``steps`` for a closer flow, or pass
-      ``steps=None`` (or ``rtol``) for error control on smooth problems.
+      ``steps=None`` (or ``rtol``) for error control on smooth problems. Long horizons need
+      more steps: the grid step ``t1 / steps`` must stay below the flow's stability limit (2 /
+      the largest Hessian eigenvalue, as for gradient descent). On that MLP 10 steps are 10%
+      off the exact flow at ``t1=0.2`` and diverge from ``t1=0.5``; a divergence (drift grown
+      1e4-fold) or NaN raises, naming the grid.
     solver: a diffrax solver; default ``diffrax.Euler()`` on the default grid, else
       ``diffrax.Tsit5()``.
     dt0: initial (or, with ``diffrax.ConstantStepSize``, fixed) step, in real time.
