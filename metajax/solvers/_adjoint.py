@@ -285,7 +285,7 @@ def adjoint(
       stability, not by order (Euler's interval per gradient evaluation is the widest), and
       error control on the state spends dozens of 6-stage steps on a short horizon. Sinusoid
       MLP, 25 tasks, ``t1=0.05`` (``experiments/benchmarks/solver_defaults.md``): the grid
-      costs 1.4x MAML's 5 steps per meta-gradient (adaptive: 96x) and its query loss is 0.9%
+      costs 1.4x MAML's 5 steps per meta-gradient (adaptive: 97x) and its query loss is 0.9%
       from the exact flow's (MAML's 5 steps: 3%). Accuracy against the exact flow is
       first order: on the linear-regression closed form (eigenvalues 0.3 to 1.6, ``t1=1.5``)
       10 steps miss the exact adaptation ``phi - theta`` by 2.9% (``steps=None``: 1e-8); the

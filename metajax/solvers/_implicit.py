@@ -243,7 +243,7 @@ def implicit(
 
   The defaults (20 Barzilai-Borwein iterations, 5 CG iterations) are chosen for cost: on the
   sinusoid MLP (1-40-40-1 ReLU, 25 tasks, ``reg=2``, 2-core CPU) a meta-gradient costs 2.3x
-  MAML's (5 steps) and compiles in 1.4x its time, against 12.7x and 2.9x for 20 L-BFGS
+  MAML's (5 steps) and compiles in 1.6x its time, against 12.8x and 3.1x for 20 L-BFGS
   iterations with 10 CG; the query loss after adaptation is 4.13 (L-BFGS: 3.56, the exact
   proximal solution: 3.40, MAML: 4.42;
   ``experiments/benchmarks/solver_defaults.md``). On linear regression the defaults give the
