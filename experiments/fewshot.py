@@ -78,7 +78,7 @@ class Config:
   imaml_inner_lr: float = 0.1
   imaml_reg: float = 2.0
   imaml_cg_steps: int = 5
-  imaml_test_steps: int = 16  # iMAML's test protocol: reg 0, 16 GD steps of imaml_inner_lr
+  imaml_test_steps: int = 16  # iMAML's test protocol: reg 0, this many GD steps of imaml_inner_lr
   adjoint_t1: float | None = None  # None: inner_steps * inner_lr
   adjoint_steps: int = 10  # the adjoint's fixed Euler grid (its default)
   pretrain_steps: int = 2000
@@ -233,10 +233,11 @@ def pretrain_baseline(config, train_images, image_shape, key, test_tasks, batch_
                                         test_tasks, chunk=eval_chunk(config))
 
 
-def eval_chunk(config: Config) -> int:
+def eval_chunk(config: Config, solver: str = "maml") -> int:
   """Tasks per jitted evaluation call. For convs on CPU tasks and steps are both unrolled, so
-  compile size grows with tasks x steps: keep that product near 48."""
-  return max(1, 48 // config.test_steps)
+  compile size grows with tasks x steps: keep that product near 48 (iMAML tests with
+  ``imaml_test_steps``)."""
+  return max(1, 48 // (config.imaml_test_steps if solver == "imaml" else config.test_steps))
 
 
 def make_finetune(args, config: Config, loss_fn, meta_params, learn):
@@ -308,7 +309,7 @@ def main(argv=None):
                      if args.solver in recipes.CLASSIC
                      else recipe.finetune(state.meta_params, config.test_steps))
   per_task = metajax.meta.evaluate_per_task(finetune, metajax.meta.accuracy(apply_fn), theta,
-                                            test_tasks, chunk=eval_chunk(config))
+                                            test_tasks, chunk=eval_chunk(config, args.solver))
   mean, ci = metajax.meta.confidence_interval(per_task)
   result = {"config": args.config, "solver": args.solver, "mlti": args.mlti, "shots": args.shots,
             "accuracy": mean, "ci95": ci, "iterations": iterations,

@@ -191,13 +191,17 @@ CASES = [
          r"implicit solver, inner stage \(proximal problem\) \(task 2; 1 of 3 tasks failed\)"),
     Case("solvers", "a loss that returns NaN (adjoint)",
          lambda: jax.jit(S.adjoint(lambda p, b: jnp.sum(p) * jnp.nan, t1=1.0))(THETA, SUPPORT),
-         RUNTIME, "adjoint solver, ODE stage .gradient flow, fixed grid: steps=10.*non-finite.*"
-         "the step size"),
+         RUNTIME, "adjoint solver, ODE stage .gradient flow, fixed grid of steps=10 Euler.*"
+         "non-finite.*stability limit also does this: raise steps= or pass steps=None"),
     Case("solvers", "adjoint default grid past the flow's stability limit (t1=50, 10 steps of 5)",
          lambda: jax.jit(S.adjoint(_quad, t1=50.0))(THETA, SUPPORT), RUNTIME,
-         r"adjoint solver, ODE stage \(gradient flow, fixed grid: steps=10 Euler steps of "
-         r"t1/steps, the step size; raise steps=.*diverged.*lower the inner step size.*time=50, "
-         r"t1=50, ode_steps=10"),
+         r"adjoint solver, ODE stage \(gradient flow, fixed grid of steps=10 Euler steps of "
+         r"t1/steps\): the grid diverged.*rose more than 100-fold.*past the "
+         r"flow's stability limit \(raise steps=.*steps=None.*objective_start=1, "
+         r"objective_end=1\.1e\+12"),
+    Case("solvers", "adjoint max_steps below the fixed grid's steps",
+         lambda: S.adjoint(_quad, t1=1.0, max_steps=4), ValueError,
+         r"max_steps=4 is below steps=10: the fixed grid takes exactly steps steps"),
     Case("solvers", "diverging unrolled inner loop (step size too large)",
          lambda: jax.jit(S.unrolled(_quad, steps=200, step_size=50.0))(THETA, SUPPORT), RUNTIME,
          "unrolled solver, inner stage.*non-finite"),
@@ -215,7 +219,8 @@ CASES = [
              linear_solver=linear_solvers.neumann(terms=20))(t, SUPPORT))))(THETA), RUNTIME,
          "linear-solve stage.*diverged.*damp it with ridge=, raise reg.*relative_residual=7"),
     Case("solvers", "adjoint max_steps reached",
-         lambda: jax.jit(S.adjoint(_quad, t1=50.0, max_steps=4))(THETA, SUPPORT), RUNTIME,
+         lambda: jax.jit(S.adjoint(_quad, t1=50.0, steps=None, max_steps=4))(THETA, SUPPORT),
+         RUNTIME,
          "adjoint solver, ODE stage.*max_steps.*time="),
     Case("solvers", "jvp through the default (checkpoint) adjoint",
          lambda: jax.jvp(lambda t: _adapt("adjoint")(t, SUPPORT), (THETA,), (THETA,)), TypeError,

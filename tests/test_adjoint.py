@@ -35,11 +35,12 @@ def test_tighter_tolerance_takes_more_steps_and_is_more_accurate():
 
 def test_throw_on_max_steps_names_the_time_reached():
   problem = linreg.Problem()
-  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4)  # throw=True: default
+  adapt = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, steps=None, max_steps=4)
   with pytest.raises(Exception, match=r"adjoint solver, ODE stage .*step cap .max_steps. "
                                       r"was reached.*time=[0-9.e+-]+, t1=50, ode_steps=4"):
     jax.block_until_ready(jax.jit(adapt)(problem.params, problem.support))
-  quiet = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, max_steps=4, throw=False)
+  quiet = metajax.solvers.adjoint(linreg.loss_fn, t1=50.0, steps=None, max_steps=4,
+                                  throw=False)
   _, info = quiet.solve(problem.params, problem.support)
   assert not bool(info.success)
   assert int(info.result) == metajax.solvers.RESULTS.max_steps_reached
@@ -205,3 +206,31 @@ def test_each_trace_converts_the_loss_as_it_is_then():
   weight["value"] = 2.0
   second = jax.jit(lambda t: adapt(t, target) * 1.0)(theta)  # a new trace
   np.testing.assert_allclose(second, 1 - np.exp(-2.0), rtol=1e-6)
+
+
+def test_default_grid_reports_divergence_by_the_objective_it_descends():
+  """Euler on 0.5 a (p - b)^2 with step h multiplies p - b by (1 - a h): stable for a h < 2.
+  t1=30 (h=3, a=1): p - b = (-2)^10 (1024-fold, finite) must be reported, not returned."""
+  quad = lambda p, batch: 0.5 * batch[0] * jnp.sum((p - batch[1]) ** 2)
+  theta, support = jnp.zeros(2), (1.0, jnp.ones(2))
+  phi, info = metajax.solvers.adjoint(quad, t1=30.0, throw=False).solve(theta, support)
+  np.testing.assert_allclose(phi, 1 - (-2.0) ** 10)
+  assert int(info.result) == metajax.solvers.RESULTS.diverged
+  for t1 in (19.0, 1e-3, 21.0):  # h=1.9: contracting; tiny; h=2.1: F up 6.7-fold, not 100
+    _, info = metajax.solvers.adjoint(quad, t1=t1, throw=False).solve(theta, support)
+    assert bool(info.success), t1
+  # Under vmap the failing task is named (task 2's curvature a=5 puts h=1 past the limit).
+  curvatures = jnp.array([1.0, 1.0, 5.0])
+  batch = (curvatures, jnp.ones((3, 2)))
+  adapt = metajax.solvers.adjoint(quad, t1=10.0)
+  with pytest.raises(Exception, match=r"\(task 2; 1 of 3 tasks failed\).*the grid diverged"):
+    jax.block_until_ready(jax.jit(jax.vmap(adapt, (None, 0)))(theta, batch))
+
+
+def test_default_grid_does_not_flag_a_flow_whose_gradient_grows():
+  """Leaving a saddle: 0.5 (u v - 1)^2 from u = v = 1e-5 grows |grad| ~3e4-fold along a stable
+  grid (step 0.1, Hessian eigenvalues <= 2) while the objective falls: successful."""
+  loss = lambda p, batch: 0.5 * (p[0] * p[1] - batch) ** 2
+  phi, info = metajax.solvers.adjoint(loss, t1=11.0, steps=110, throw=False).solve(
+      jnp.full(2, 1e-5), 1.0)
+  assert bool(info.success) and float(info.loss) < 0.5 and float(jnp.abs(phi).min()) > 0.1

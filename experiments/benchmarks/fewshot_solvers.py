@@ -72,7 +72,7 @@ def report(rows: list[dict], seeds: list[int], iterations: int, eval_tasks: int)
       "0.2). Adjoint: 2 Euler steps to t1 = 0.8 (stored checkpoints), tested on the flow to "
       "MAML's test horizon (3 steps to 1.2). Time per meta-iteration: median (IQR) of the "
       "iterations after the first; peak memory: the process's peak resident set. Control: the "
-      "accuracy of the same test protocol after one meta-iteration (the untrained "
+      "accuracy of the same test protocol after one meta-iteration (one Adam step from the "
       "initialization), so what the training added is visible.",
       "",
       "| solver | seed | accuracy | vs MAML (points) | s / meta-iteration (IQR) | x MAML | "
@@ -106,6 +106,8 @@ def main():
   parser.add_argument("--timeout", type=int, default=1800)
   parser.add_argument("--out", default=os.path.join(HERE, "fewshot_solvers.md"))
   args = parser.parse_args()
+  if args.iterations < 2:
+    parser.error("--iterations must be >= 2 (1 is the control run).")
   seeds = [int(s) for s in args.seeds.split(",")]
   rows = []
   for seed in seeds:

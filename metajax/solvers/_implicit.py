@@ -253,7 +253,7 @@ def implicit(
   Supports ``jit``, ``vmap``, ``grad``, ``jvp``/``jacfwd``, ``grad`` of ``grad``,
   ``hessian`` and closures over traced values (implicit rule through ``custom_root``).
   With a tolerance (``tol > 0``, ``linear_solver=cg()``) a missed tolerance raises: damp
-  the system (``linear_solvers.cg(ridge=1.0)``) or go back to a fixed budget.
+  the system (``linear_solvers.cg(ridge=...)``) or go back to a fixed budget.
 
   Examples:
     >>> import jax, jax.numpy as jnp, metajax

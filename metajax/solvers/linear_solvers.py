@@ -9,7 +9,7 @@ pass. ``tol=None`` picks a tolerance from the dtype of ``b`` (1e-10 in float64,
 system, as iMAML's official code uses to keep CG stable when the inner Hessian
 is indefinite (it solves ``(1 + cg_damping) v + H v / (reg + 10)``, which is
 ``ridge = (1 + cg_damping) (reg + 10) / reg - 1`` on ``I + H / reg`` up to
-scale: 11 at its reg=2, cg_damping=1); it biases the meta-gradient, so the
+scale: 11 at reg=2, 21 at reg=1, with cg_damping=1); it biases the meta-gradient, so the
 default is 0.
 """
 
