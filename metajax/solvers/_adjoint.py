@@ -31,8 +31,8 @@ STORED_STEPS = 16
 GRID_RISE = 100.0
 GRID_MESSAGES = {
     RESULTS.diverged: "the grid diverged: the objective L + reg/2 |phi - theta|^2, which the "
-                      "flow only decreases, rose more than 100-fold (objective_start to "
-                      "objective_end), so the step t1/steps is past the flow's stability limit "
+                      f"flow only decreases, rose more than {GRID_RISE:g}-fold (objective_start "
+                      "to objective_end), so the step t1/steps is past the flow's stability limit "
                       "(raise steps=, shorten t1, or pass steps=None for the adaptive solve)",
     RESULTS.nonfinite: "a non-finite value (NaN or inf) appeared (check the support data and "
                        "the loss; a step t1/steps past the flow's stability limit also does "
@@ -239,7 +239,7 @@ class Adjoint(InnerSolver):
       # grid raises it (a non-convex flow may grow its gradient, never F).
       start, end = jax.lax.stop_gradient((
           loss_fn(params, support, *consts),
-          loss + 0.5 * reg_ * _common.tree_norm(_common.tree_sub(phi, params)) ** 2))
+          loss + _common.proximal_term(phi, params, reg_)))
       rose = end > start + GRID_RISE * jnp.abs(start) + jnp.finfo(dtype).eps
       result = jnp.where((result == RESULTS.successful) & rose, RESULTS.diverged, result)
       values.update(objective_start=start, objective_end=end)

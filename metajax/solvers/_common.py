@@ -34,6 +34,12 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: x - y, a, b)
 
 
+def proximal_term(phi: PyTree, theta: PyTree, reg) -> jax.Array:
+  """``reg/2 |phi - theta|^2``: what the implicit and adjoint objectives add to the loss."""
+  diff = tree_sub(phi, theta)
+  return 0.5 * reg * tree_vdot(diff, diff)
+
+
 def is_traced(value) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
 

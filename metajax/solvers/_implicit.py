@@ -129,8 +129,8 @@ class Implicit(InnerSolver):
       theta_, support_, reg__ = jax.lax.stop_gradient((params, support, safe_reg))
       dtype = _common.params_dtype(theta_)
       def objective(phi):  # in the parameters' dtype, whatever the loss closes over (the line
-        diff = _common.tree_sub(phi, theta_)  # search needs one dtype)
-        value = self.loss_fn(phi, support_) + 0.5 * reg__ * _common.tree_vdot(diff, diff)
+        # search needs one dtype)
+        value = self.loss_fn(phi, support_) + _common.proximal_term(phi, theta_, reg__)
         return value.astype(dtype)
       out = self._minimize(objective, jax.lax.stop_gradient(theta0), 1.0 / reg__)
       result = jnp.where(hyper_result != 0, hyper_result, out.result).astype(jnp.int32)
