@@ -53,9 +53,25 @@ def run(solver: str, seed: int, iterations: int, eval_tasks: int, timeout: int) 
   return row
 
 
+def settings(config, official_ridge) -> str:
+  """The solvers' training and test settings, in words, read from the digits ``config``."""
+  t1 = config.adjoint_t1 if config.adjoint_t1 is not None else (
+      config.inner_steps * config.inner_lr)
+  return (
+      f"MAML: {config.inner_steps} step{'s' * (config.inner_steps != 1)} of "
+      f"{config.inner_lr:g}, {config.test_steps} at test. "
+      f"iMAML: {config.imaml_inner_steps} GD steps of {config.imaml_inner_lr:g} on reg "
+      f"{config.imaml_reg:g}, {config.imaml_cg_steps} CG steps on the official damped operator "
+      f"(ridge {official_ridge(config.imaml_reg):g}), tested as its paper does (reg 0: "
+      f"{config.imaml_test_steps} GD steps of {config.imaml_inner_lr:g}). Adjoint: "
+      f"{config.adjoint_steps} Euler steps to t1 = {t1:g} (stored checkpoints), tested on the "
+      f"flow to MAML's test horizon ({config.test_steps} steps to "
+      f"{config.test_steps * config.inner_lr:g}).")
+
+
 def report(rows: list[dict], seeds: list[int], iterations: int, eval_tasks: int) -> str:
   sys.path.insert(0, ROOT)
-  from experiments import common
+  from experiments import common, fewshot
   by = {(r["solver"], r["seed"]): r for r in rows if r["iterations"] == iterations}
   init = {(r["solver"], r["seed"]): r["accuracy"] for r in rows if r["iterations"] == 1}
   maml_acc = np.mean([by["maml", s]["accuracy"] for s in seeds])
@@ -67,10 +83,8 @@ def report(rows: list[dict], seeds: list[int], iterations: int, eval_tasks: int)
       f"5-way 1-shot, meta-batch 16, {iterations} meta-iterations per run, one run per process, "
       f"runs one after another; accuracy on {eval_tasks} test tasks (95% CI), seeds "
       f"{', '.join(map(str, seeds))} (a seed fixes the initialization and the training and test "
-      "tasks). MAML: 1 step of 0.4, 3 at test. iMAML: 5 GD steps of 0.2 on reg 1, 3 CG steps on "
-      "the official damped operator (ridge 21), tested as its paper does (reg 0: 12 GD steps of "
-      "0.2). Adjoint: 2 Euler steps to t1 = 0.8 (stored checkpoints), tested on the flow to "
-      "MAML's test horizon (3 steps to 1.2). Time per meta-iteration: median (IQR) of the "
+      f"tasks). {settings(fewshot.CONFIGS['digits'], fewshot.official_ridge)} Time per "
+      "meta-iteration: median (IQR) of the "
       "iterations after the first; peak memory: the process's peak resident set. Control: the "
       "accuracy of the same test protocol after one meta-iteration (one Adam step from the "
       "initialization), so what the training added is visible.",
