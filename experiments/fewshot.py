@@ -89,6 +89,8 @@ CONFIGS = {
     # MAML's Omniglot 5-way protocol (1 step alpha=0.4, 3 at test), meta-batch 16. iMAML and
     # the adjoint at <= 3x MAML's time per meta-iteration (benchmarks/fewshot_solvers.md):
     # iMAML 5 GD steps of 0.2 on reg 1, 3 CG steps; the adjoint 2 Euler steps to t1 = 0.8.
+    # iMAML meta-learns little here: GD does not reach a stationary point of this Conv4's
+    # proximal problem, which its implicit gradient assumes (benchmarks/imaml_premise.md).
     "digits": Config("digits", ways=5, queries=10, filters=32, blocks=3, rotations=True,
                      inner_steps=1, inner_lr=0.4, test_steps=3, meta_batch=16,
                      iterations=1000, imaml_inner_steps=5, imaml_inner_lr=0.2, imaml_reg=1.0,
