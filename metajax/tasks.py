@@ -344,6 +344,7 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
     num_tasks = _check_num_tasks(num_tasks)
     _check_key(key)
     num_classes, per_class = _check_images(images, rotations=rotations)
+    images = jnp.asarray(images)  # numpy images cannot be indexed by traced picks
     available = num_classes * (4 if rotations else 1)
     if available < ways:
       where = f" ({num_classes} x 4 rotations)" if rotations else ""
@@ -390,6 +391,7 @@ def class_batches(*, batch_size: int, rotations: bool = False, dtype=jnp.float32
   def sample(key, images):
     _check_key(key)
     num_classes, per_class = _check_images(images, rotations=rotations)
+    images = jnp.asarray(images)
     key_class, key_example = jax.random.split(key)
     labels = jax.random.randint(key_class, (batch_size,), 0,
                                 num_classes * (4 if rotations else 1))

@@ -48,6 +48,16 @@ def test_episodes_draw_distinct_classes_with_permuted_labels():
   assert len(mappings) > 20  # labels are permuted per episode
 
 
+def test_samplers_take_numpy_images_as_loaded():
+  images = np.asarray(_class_images())  # what metajax.data's loaders return
+  tasks = metajax.tasks.episodes(ways=3, shots=2, queries=2)(jax.random.key(0), 4, images)
+  same = metajax.tasks.episodes(ways=3, shots=2, queries=2)(jax.random.key(0), 4,
+                                                            jnp.asarray(images))
+  chex.assert_trees_all_equal(tasks, same)
+  x, labels = metajax.tasks.class_batches(batch_size=5)(jax.random.key(1), images)
+  assert x.shape == (5, 8, 8, 1) and labels.shape == (5,)
+
+
 def test_episodes_rotations_add_rotated_classes():
   images = _class_images(num_classes=2)
   tasks = metajax.tasks.episodes(ways=8, shots=1, queries=1, rotations=True)(

@@ -140,6 +140,9 @@ def test_confidence_interval_is_normal_approximation():
   assert half == pytest.approx(1.959964 * values.std(ddof=1) / 20, rel=1e-5)
   with pytest.raises(ValueError, match="at least 2"):
     metajax.meta.confidence_interval([1.0])
+  # any real level, a numpy scalar (e.g. read from a config array) too
+  assert metajax.meta.confidence_interval(values, level=np.float32(0.9)) == pytest.approx(
+      metajax.meta.confidence_interval(values, level=0.9), rel=1e-6)
 
 
 def test_evaluate_reports_per_task_mean():

@@ -44,6 +44,34 @@ def test_optax_sgd_inner_optimizer_equals_plain_gradient_descent():
   assert linreg.rel_err(linreg.flat(via_optax(problem.params, problem.support)), phi_ref) < 1e-12
 
 
+def _quadratic(p, b):  # minimum 0 at p = b: Polyak's step knows f* = 0
+  return 0.5 * jnp.sum(jnp.array([2.0, 1.0]) * (p - b) ** 2)
+
+
+def test_optimizers_that_read_the_objective_get_value_and_value_fn():
+  theta, target = jnp.array([0.5, 0.5]), jnp.array([1.0, -1.0])
+  # optax.polyak_sgd needs value=: its step is min(f / |g|^2, max_lr), written out here.
+  adapt = metajax.solvers.unrolled(_quadratic, steps=3,
+                                   optimizer=optax.polyak_sgd(max_learning_rate=1.0))
+  expected = np.asarray(theta, np.float64)
+  for _ in range(3):
+    g = np.array([2.0, 1.0]) * (expected - np.asarray(target))
+    expected = expected - min(_quadratic(expected, np.asarray(target)) / (g @ g), 1.0) * g
+  np.testing.assert_allclose(adapt(theta, target), expected, rtol=1e-6)
+  assert jnp.all(jnp.isfinite(jax.grad(lambda t: _quadratic(adapt(t, target), target))(theta)))
+  # optax.lbfgs needs value, grad and value_fn: the same iterates as optax's own loop.
+  lbfgs = optax.lbfgs()
+  adapt = metajax.solvers.unrolled(_quadratic, steps=6, optimizer=lbfgs)
+  phi, state = theta, lbfgs.init(theta)
+  value_fn = lambda p: _quadratic(p, target)
+  for _ in range(6):
+    value, grad = jax.value_and_grad(value_fn)(phi)
+    updates, state = lbfgs.update(grad, state, phi, value=value, grad=grad, value_fn=value_fn)
+    phi = optax.apply_updates(phi, updates)
+  np.testing.assert_allclose(adapt(theta, target), phi, rtol=1e-6)
+  np.testing.assert_allclose(phi, target, atol=1e-5)  # and it converged
+
+
 def test_info_reports_support_losses():
   problem = linreg.Problem()
   adapt = metajax.solvers.unrolled(linreg.loss_fn, steps=6, step_size=0.2)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from metajax.meta.objectives import TASK_BATCHING, _task_batching, check_tasks
+from metajax.meta.objectives import TASK_BATCHING, _task_batching, check_not_learned, check_tasks
 from metajax.solvers import _common, _loops
 from metajax.tasks import Task
 
@@ -28,7 +29,8 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
   values = jnp.asarray(values, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
   if values.ndim != 1 or values.shape[0] < 2:
     raise ValueError(f"values must be 1-D with at least 2 entries, got shape {values.shape}.")
-  if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+  if (isinstance(level, bool) or not isinstance(level, numbers.Real)
+      or not 0.0 < float(level) < 1.0):
     raise ValueError(f"level must be in (0, 1), got {level!r}.")
   if not bool(jnp.all(jnp.isfinite(values))):
     bad = int(jnp.sum(~jnp.isfinite(values)))
@@ -71,6 +73,9 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
 
   def evaluate(params, tasks: Task):
     n = check_tasks(tasks)
+    check_not_learned(params, adapt, "params", "evaluation adapts with the solver's own "
+                      "hyperparameters: pass meta_params['params'], with the learned values "
+                      "bound in adapt (lambda p, s: adapt(p, s, step_size=...))")
     mode = _task_batching(task_batching, metric_fn, params, tasks, adapt)
     run = _program(adapt, metric_fn, mode)
     parts = []

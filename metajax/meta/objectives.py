@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ def _learned(adapt: Callable, learn) -> dict[str, Callable]:
   if isinstance(learn, str):
     raise TypeError(f"learn must be a tuple of names or a dict, not the string {learn!r} "
                     f"(write learn=({learn!r},)).")
+  if not isinstance(learn, Iterable):
+    raise TypeError(f"learn must be a tuple of names or a dict, got {learn!r} (learn=() "
+                    "learns no hyperparameter).")
   items = learn.items() if isinstance(learn, Mapping) else ((name, "identity") for name in learn)
   out = {}
   for name, how in items:
@@ -40,8 +43,23 @@ def _learned(adapt: Callable, learn) -> dict[str, Callable]:
   return out
 
 
-def _split(meta_params, learned: dict):
+def check_not_learned(params, adapt: Callable, name: str, hint: str | None = None) -> None:
+  """Refuses ``{'params': theta, 'step_size': ...}`` where nothing is learned: the hyperparameter
+  would reach the loss as a parameter (a bare KeyError deep inside it)."""
+  accepted = getattr(adapt, "hyperparameters", None) or ()
+  if isinstance(params, Mapping) and "params" in params:
+    named = sorted(set(params) & set(accepted))
+    if named:
+      hint = hint or (f"pass learn={tuple(named)!r} to learn them, or pass "
+                      f"{name}['params'] alone")
+      raise ValueError(f"{name} is a dict with 'params' and the hyperparameters {named}, but "
+                       f"nothing is learned here, so the whole dict would be adapted as the "
+                       f"parameters: {hint}.")
+
+
+def _split(meta_params, learned: dict, adapt: Callable):
   if not learned:
+    check_not_learned(meta_params, adapt, "meta_params")
     return meta_params, {}
   if not isinstance(meta_params, dict) or "params" not in meta_params:
     raise ValueError(
@@ -50,6 +68,11 @@ def _split(meta_params, learned: dict):
   missing = [name for name in learned if name not in meta_params]
   if missing:
     raise ValueError(f"meta_params lacks the learned hyperparameters {missing}.")
+  extra = sorted(set(meta_params) - {"params"} - set(learned))
+  if extra:
+    raise ValueError(f"meta_params has {extra} beside 'params' and the learned {list(learned)}: "
+                     f"a key that learn= does not name gets no gradient and would never train "
+                     f"(add it to learn=, or drop it).")
   return meta_params["params"], {name: how(meta_params[name]) for name, how in learned.items()}
 
 
@@ -85,10 +108,10 @@ def _task_batching(mode: str, loss_fn: Callable, params, tasks: Task, adapt=None
   # One task's shapes, abstractly: slicing a task axis split over an Explicit mesh is an error.
   first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
                        tasks.support)
-  if hasattr(adapt, "initial"):  # the parameters the loss sees (context() adds a context)
-    params = adapt.initial(params)
+  # the parameters the loss sees (context() adds a context)
+  seen = adapt.initial(params) if hasattr(adapt, "initial") else params
   try:
-    return _loops.choose_task_batching(loss_fn, params, first)
+    return _loops.choose_task_batching(loss_fn, seen, first)
   except (TypeError, ValueError, KeyError):  # the loss takes what adapt returns, not params
     if adapt is None:
       raise
@@ -178,7 +201,7 @@ def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn,
       raise TypeError(f"the objective of {name} takes (meta_params, tasks"
                       + "".join(f", {e}" for e in extra) + f"); got {2 + len(args)} arguments.")
     check_tasks(tasks)
-    params, hyper = _split(meta_params, learned)
+    params, hyper = _split(meta_params, learned, adapt)
     mode = _task_batching(task_batching, loss_fn, params, tasks, adapt)
     def mean_loss(params, hyper, tasks, args):
       return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
@@ -207,6 +230,8 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching:
 
   def value_and_grad(params, tasks: Task):
     check_tasks(tasks)
+    check_not_learned(params, adapt, "params", "Reptile learns no hyperparameters; pass the "
+                      "parameters alone")
     def one(task):
       phi = adapt(params, task.support)
       return loss_fn(phi, task.query), phi

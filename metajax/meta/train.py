@@ -224,6 +224,7 @@ class _TrainStep:
     self._micro_batches = micro_batches
     takes_iteration = getattr(value_and_grad, "takes_meta_iteration", False) is True
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
+    self._optimizer, self._checked_states = optimizer, set()
 
     def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
       tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
@@ -320,14 +321,33 @@ class _TrainStep:
             "tasks": self._group_value_and_grad._cache_size(),
             "update": self._update._cache_size()}
 
+  def _check_opt_state(self, state: TrainState) -> None:
+    """``state.opt_state`` must be what this step's optimizer makes for ``state.meta_params``
+    (shapes and structure; checked once per structure)."""
+    signature = (jax.tree.structure(state.meta_params), jax.tree.structure(state.opt_state))
+    if signature in self._checked_states:
+      return
+    expected = jax.eval_shape(self._optimizer.init, state.meta_params)
+    shapes = lambda tree: [jnp.shape(x) for x in jax.tree.leaves(tree)]
+    if (jax.tree.structure(expected) != signature[1]
+        or shapes(expected) != shapes(state.opt_state)):
+      raise TypeError(
+          "state.opt_state is not the state of the optimizer given to make_train_step for "
+          f"state.meta_params: expected {type(expected).__name__} "
+          f"({len(jax.tree.leaves(expected))} arrays), got {type(state.opt_state).__name__} "
+          f"({len(jax.tree.leaves(state.opt_state))} arrays). Build the state with "
+          "init_train_state(meta_params, the same optimizer).")
+    self._checked_states.add(signature)
+
   def _prepare(self, state: TrainState, key, data: tuple):
     """Checks the arguments, places them on the mesh, resolves ``tasks_per_call="auto"``."""
     if not isinstance(state, TrainState):
       raise TypeError(f"state must be a metajax.meta.TrainState (from init_train_state), got "
                       f"{type(state).__name__}.")
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                            or key.shape == (2,))):
+                                            or (key.shape == (2,) and key.dtype == jnp.uint32))):
       raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
+    self._check_opt_state(state)
     if self._mesh is not None:  # replicated on the mesh (a no-op once the step has placed it)
       state, key, data = _distribute.replicate((state, key, data), self._mesh)
     self._resolve(state, key, data)

@@ -73,6 +73,19 @@ def _in_normalized_time(controller, t1):
   return controller
 
 
+def _check_step_to(controller, t1) -> None:
+  """``StepTo.ts`` must run from 0 to ``t1`` (real time), checked where both are concrete."""
+  if not isinstance(controller, diffrax.StepTo) or _common.is_traced((controller.ts, t1)):
+    return
+  ts, end = np.asarray(controller.ts, np.float64), float(np.asarray(t1))
+  if ts.ndim != 1 or ts.size < 2 or np.any(np.diff(ts) <= 0):
+    raise ValueError(f"stepsize_controller=StepTo(ts=...) needs increasing times, got {ts}.")
+  if ts[0] != 0 or not np.isclose(ts[-1], end, rtol=1e-6, atol=0):
+    raise ValueError(f"stepsize_controller=StepTo(ts=...) must step from 0 to t1={end:g} (the "
+                     f"flow runs on [0, t1], in real time): its ts run from {ts[0]:g} to "
+                     f"{ts[-1]:g}.")
+
+
 class Adjoint(InnerSolver):
   """Gradient flow integrated by diffrax, differentiated by an adjoint (see
   [`adjoint`][metajax.solvers.adjoint])."""
@@ -120,6 +133,20 @@ class Adjoint(InnerSolver):
     _common.check_tolerance("rtol", rtol)
     _common.check_tolerance("atol", atol)
     _adjoint_method(adjoint, self.solver, stepsize_controller)  # validates early
+    _check_step_to(stepsize_controller, t1)
+    fixed = self.grid or isinstance(stepsize_controller, (diffrax.ConstantStepSize,
+                                                          diffrax.StepTo))
+    if fixed and isinstance(self.solver, diffrax.AbstractImplicitSolver):
+      root = getattr(self.solver, "root_finder", None)
+      tols = [getattr(root, name, None) for name in ("rtol", "atol")]
+      if not all(isinstance(tol, (int, float)) for tol in tols):  # diffrax refuses this
+        where = ("the default fixed grid" if self.grid
+                 else f"stepsize_controller={type(stepsize_controller).__name__}")
+        raise ValueError(
+            f"solver={type(self.solver).__name__}() is implicit: its root finder takes its "
+            f"tolerances from an adaptive controller, and {where} has none. Pass steps=None "
+            "(or rtol=/atol=) for the adaptive solve, or give the solver a root_finder with "
+            "its own rtol and atol.")
     self.t1, self.reg, self.dt0 = t1, reg, dt0
     self.stepsize_controller, self.rtol, self.atol, self.adjoint = (
         stepsize_controller, rtol, atol, adjoint)
@@ -150,6 +177,10 @@ class Adjoint(InnerSolver):
     reg_ = self.reg if reg is None else reg
     if t1 is not None:
       _common.check_hyperparameter("t1", t1_, strict=True)
+      if isinstance(self.stepsize_controller, diffrax.StepTo):
+        raise ValueError("a call-time t1 cannot move StepTo's fixed times (they end at the t1 "
+                         "given to adjoint(...)): use the default grid (steps=) or "
+                         "ConstantStepSize with dt0 to pass or learn t1.")
     if reg is not None:
       _common.check_hyperparameter("reg", reg_, strict=False)
     t1_ = _common.as_scalar("t1", t1_, dtype)

@@ -143,6 +143,17 @@ def check_hyperparameter(name: str, value, *, strict: bool = True, signed: bool 
     raise ValueError(f"{name} is an empty pytree.")
 
 
+def check_static_scalar(name: str, value, why: str = "") -> float:
+  """A positive float fixed when an object is built: concrete (not traced) and 0-d."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} is fixed when it is built, so it must be a concrete float, got a "
+                    f"traced value {value.aval}{why}.")
+  check_hyperparameter(name, value, strict=True)
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}{why}.")
+  return float(value)
+
+
 def _show(arr: np.ndarray) -> str:
   if arr.ndim == 0:
     return repr(arr.item())

@@ -145,6 +145,15 @@ class Unrolled(InnerSolver):
   def _solve(self, params, support, *, step_size=None):
     return self._run(params, support, step_size=step_size)[:2]
 
+  def _extra_args(self, loss, grads, support, k) -> dict:
+    """What optax optimizers that read the objective take (``optax.lbfgs``'s line search,
+    ``optax.polyak_sgd``): ``value``, ``grad`` and ``value_fn``, as optax's own loops pass them;
+    transformations that take no extra arguments ignore them."""
+    if not isinstance(self.optimizer, optax.GradientTransformationExtraArgs):
+      return {}
+    return dict(value=loss, grad=grads,
+                value_fn=lambda p: self.loss_fn(p, support, *self._loss_args(k)))
+
   def _run(self, params, support, *, step_size=None, trajectory=False):
     dtype = _common.params_dtype(params)
     rates = None
@@ -165,7 +174,8 @@ class Unrolled(InnerSolver):
         rates_k = jax.tree.map(lambda a: a[k], rates) if self.per_step else rates
         phi = jax.tree.map(lambda p, g, a: p - a * g, phi, grads, rates_k)
       else:
-        updates, opt_state = self.optimizer.update(grads, opt_state, phi)
+        updates, opt_state = self.optimizer.update(grads, opt_state, phi, **self._extra_args(
+            loss, grads, support, k))
         phi = optax.apply_updates(phi, updates)
       return (phi, opt_state, k + 1), (loss, phi if trajectory else None)
 
@@ -232,7 +242,11 @@ def unrolled(
       ``optax.adam(lr, eps_root=1e-8)`` (or
       [`differentiable_adam`][metajax.solvers.differentiable_adam]):
       with ``eps_root=0`` the square root has an infinite derivative wherever a
-      gradient entry is exactly zero, which turns meta-gradients into NaN.
+      gradient entry is exactly zero, which turns meta-gradients into NaN. Optimizers that
+      read the objective get ``value``, ``grad`` and ``value_fn`` as optax's own loops pass
+      them (``optax.polyak_sgd``, ``optax.lbfgs``); a line search runs in a ``while_loop``,
+      which reverse mode cannot differentiate (JAX refuses it under ``grad``): for L-BFGS
+      use ``implicit(..., optimizer=inner_optimizers.lbfgs())``.
     first_order: first-order MAML; inner gradients are treated as constants so
       ``d phi / d theta`` is the identity (step sizes still get gradients).
     remat: rematerialize each inner step in the backward pass (same gradient,

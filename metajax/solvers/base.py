@@ -111,6 +111,10 @@ class InnerSolver(abc.ABC):
     except (TypeError, ValueError) as err:
       raise type(err)(f"{self.name} solver: loss_fn(params, support) failed on these "
                       f"params and support: {err}") from err
+    except (KeyError, IndexError, AttributeError) as err:  # a lookup the params do not have
+      keys = f" (params has the keys {sorted(params)})" if isinstance(params, dict) else ""
+      raise ValueError(f"{self.name} solver: loss_fn(params, support) failed on these params "
+                       f"and support: {type(err).__name__}: {err}{keys}") from err
     if not hasattr(out, "shape") or out.shape != ():
       shape = getattr(out, "shape", type(out).__name__)
       raise ValueError(f"loss_fn(params, support) must return a scalar, got {shape}; reduce it "

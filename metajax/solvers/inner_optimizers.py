@@ -43,8 +43,9 @@ def gd(step_size: float) -> InnerOptimizer:
     >>> inner_optimizers.gd(0.1).name
     'gd'
   """
-  _common.check_hyperparameter("gd step_size", step_size, strict=True)
-  return InnerOptimizer("gd", optax.sgd(float(step_size)))
+  step_size = _common.check_static_scalar(
+      "gd step_size", step_size, " (a per-leaf or learned step size is unrolled's step_size=)")
+  return InnerOptimizer("gd", optax.sgd(step_size))
 
 
 def barzilai_borwein() -> InnerOptimizer:

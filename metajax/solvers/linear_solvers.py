@@ -113,7 +113,7 @@ def neumann(*, terms: int = 20, scale: float = 1.0, ridge: float = 0.0) -> Linea
   """
   _common.check_positive_int("terms", terms)
   _check(None, None, ridge)
-  _common.check_hyperparameter("scale", scale, strict=True)
+  scale = _common.check_static_scalar("neumann scale", scale)
 
   def method(matvec, b, maxiter, tol):
     del tol

@@ -1,0 +1,97 @@
+"""Bad inputs found by a review of the landed API as a demanding user (see tests/badinput.py)."""
+
+from __future__ import annotations
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import optax
+
+import metajax
+from metajax.solvers import inner_optimizers, linear_solvers
+from tests.badinput import Case
+
+S, M = metajax.solvers, metajax.meta
+LOSS = M.mse_loss(lambda p, x: x @ p["w"] + p["b"])
+PARAMS = {"w": jnp.ones((2,)), "b": jnp.zeros(())}
+TASKS = metajax.tasks.Task((jnp.ones((3, 4, 2)), jnp.ones((3, 4))),
+                           (jnp.ones((3, 4, 2)), jnp.ones((3, 4))))
+MAML = S.unrolled(LOSS, steps=1, step_size=0.1)
+WITH_STEP = {"params": PARAMS, "step_size": jnp.asarray(0.1)}
+
+
+def _quad(p, b):
+  return 0.5 * jnp.sum((p - b) ** 2)
+
+
+def _train(state_optimizer, key):
+  vg = jax.value_and_grad(M.meta_objective(MAML, LOSS))
+  sample = lambda k, n: jax.tree.map(lambda x: x[:n], TASKS)
+  step = M.make_train_step(vg, optax.adam(1e-3), sample, meta_batch_size=2)
+  return step(M.init_train_state(PARAMS, state_optimizer), key)
+
+
+def _context_objective():
+  loss = M.mse_loss(metajax.models.with_context(lambda p, x: x @ p["w"] + p["b"]))
+  return M.meta_objective(S.context(S.unrolled(loss, steps=1), 2), loss)(PARAMS, TASKS)
+
+
+CASES = [
+    Case("meta", "meta_params holding a hyperparameter that learn= does not name",
+         lambda: jax.grad(M.meta_objective(MAML, LOSS, learn=("step_size",)))(
+             {**WITH_STEP, "reg": jnp.asarray(1.0)}, TASKS), ValueError,
+         r"meta_params has \['reg'\] beside 'params'.*gets no gradient"),
+    Case("meta", "Meta-SGD meta_params {'params', 'step_size'} with learn= left out",
+         lambda: M.meta_objective(MAML, LOSS)(WITH_STEP, TASKS), ValueError,
+         r"nothing is learned here.*pass learn=\('step_size',\)"),
+    Case("meta", "make_evaluator called with the Meta-SGD meta_params dict",
+         lambda: M.make_evaluator(MAML, LOSS)(WITH_STEP, TASKS), ValueError,
+         r"params is a dict with 'params' and the hyperparameters \['step_size'\].*"
+         r"pass meta_params\['params'\]"),
+    Case("meta", "Reptile given a meta_params dict with a step size",
+         lambda: M.reptile_value_and_grad(MAML, LOSS)(WITH_STEP, TASKS), ValueError,
+         "Reptile learns no hyperparameters"),
+    Case("meta", "meta_objective with learn=None", lambda: M.meta_objective(MAML, LOSS, learn=None),
+         TypeError, r"learn must be a tuple of names or a dict, got None"),
+    Case("solvers", "params lacking a key the loss looks up",
+         lambda: MAML({"w": jnp.ones((2,))}, (jnp.ones((4, 2)), jnp.ones(4))), ValueError,
+         r"loss_fn\(params, support\) failed.*KeyError: 'b' \(params has the keys \['w'\]\)"),
+    Case("solvers", "context() over a model whose weights do not take the context inputs",
+         _context_objective, TypeError,
+         r"loss_fn\(params, support\) failed.*dot_general requires contracting dimensions"),
+    Case("solvers", "gd step_size given as a traced value",
+         lambda: jax.jit(inner_optimizers.gd)(0.1), TypeError,
+         "gd step_size is fixed when it is built.*traced value"),
+    Case("solvers", "gd step_size given as an array of two steps",
+         lambda: inner_optimizers.gd(jnp.array([0.1, 0.2])), ValueError,
+         r"gd step_size must be a scalar, got shape \(2,\).*unrolled's step_size="),
+    Case("solvers", "neumann scale given as an array",
+         lambda: linear_solvers.neumann(scale=jnp.array([1.0, 2.0])), ValueError,
+         r"neumann scale must be a scalar, got shape \(2,\)"),
+    Case("solvers", "adjoint with an implicit diffrax solver on the default fixed grid",
+         lambda: S.adjoint(_quad, t1=1.0, solver=diffrax.Kvaerno5()), ValueError,
+         r"solver=Kvaerno5\(\) is implicit.*Pass steps=None"),
+    Case("solvers", "adjoint with StepTo times that do not start at 0",
+         lambda: S.adjoint(_quad, t1=1.0, solver=diffrax.Euler(),
+                           stepsize_controller=diffrax.StepTo(ts=jnp.array([0.2, 0.5, 1.0]))),
+         ValueError, r"must step from 0 to t1=1 .*its ts run from 0.2 to 1"),
+    Case("solvers", "adjoint with StepTo times that end before t1",
+         lambda: S.adjoint(_quad, t1=1.0, solver=diffrax.Euler(),
+                           stepsize_controller=diffrax.StepTo(ts=jnp.array([0.0, 0.5, 0.9]))),
+         ValueError, r"must step from 0 to t1=1 .*run from 0 to 0.9"),
+    Case("solvers", "adjoint with StepTo times that go back",
+         lambda: S.adjoint(_quad, t1=1.0, solver=diffrax.Euler(),
+                           stepsize_controller=diffrax.StepTo(ts=jnp.array([0.0, 0.7, 0.5, 1.0]))),
+         ValueError, "StepTo.*needs increasing times"),
+    Case("solvers", "adjoint with StepTo times and a call-time t1",
+         lambda: S.adjoint(_quad, t1=1.0, solver=diffrax.Euler(),
+                           stepsize_controller=diffrax.StepTo(ts=jnp.array([0.0, 0.5, 1.0])))(
+             jnp.zeros(2), jnp.ones(2), t1=2.0), ValueError,
+         "a call-time t1 cannot move StepTo's fixed times"),
+    Case("meta", "train state built with another optimizer than the train step's",
+         lambda: _train(optax.sgd(0.1), jax.random.key(0)), TypeError,
+         r"state.opt_state is not the state of the optimizer.*init_train_state"),
+    Case("meta", "train step key given as an int32 pair",
+         lambda: _train(optax.adam(1e-3), jnp.array([0, 1])), TypeError,
+         "key must be a PRNG key"),
+]
