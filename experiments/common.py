@@ -53,6 +53,7 @@ def check_flags(parser, args, *, positive_int=(), positive_float=(), nonnegative
     ...
     SystemExit: 2
   """
+  check_out(parser, getattr(args, "out", None))
   bounds = {flag: (1, None) for flag in positive_int}
   bounds.update(int_range or {})
   for flag, (low, high) in bounds.items():
@@ -70,6 +71,20 @@ def check_flags(parser, args, *, positive_int=(), positive_float=(), nonnegative
       if not math.isfinite(value) or value < 0 or (strict and value == 0):
         parser.error(f"{flag} must be a finite number {'> 0' if strict else '>= 0'}, "
                      f"got {value}.")
+
+
+def check_out(parser, out) -> None:
+  """``--out`` must be a directory this process can create or write (checked before training,
+  creating nothing): its nearest existing ancestor must be a writable directory."""
+  if out is None:
+    return
+  path = os.path.abspath(out)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    parser.error(f"--out {out} cannot be a directory: {path} is a file.")
+  if not os.access(path, os.W_OK):
+    parser.error(f"--out {out}: {path} is not writable.")
 
 
 def check_chunk(parser, args) -> None:

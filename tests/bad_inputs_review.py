@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import optax
 
 import metajax
 from metajax.solvers import inner_optimizers, linear_solvers
+from tests.bad_inputs_data_cli import _cli
 from tests.badinput import Case
 
 S, M = metajax.solvers, metajax.meta
@@ -94,4 +97,7 @@ CASES = [
     Case("meta", "train step key given as an int32 pair",
          lambda: _train(optax.adam(1e-3), jnp.array([0, 1])), TypeError,
          "key must be a PRNG key"),
+    Case("cli", "fewshot.py --out under a path that is a file",
+         _cli("fewshot", "--out", os.path.join(os.path.abspath(__file__), "run")), ValueError,
+         r"fewshot.py: error: --out .*run cannot be a directory: .*bad_inputs_review.py is a file"),
 ]

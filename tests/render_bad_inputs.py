@@ -41,6 +41,7 @@ def short(message: str) -> str:
                       "").strip()
   text = re.sub(r"/tmp/[^\s:'\"]+/", "$TMP/", text)
   text = re.sub(r" at 0x[0-9a-f]+>", ">", text)  # object addresses change every run
+  text = text.replace(ROOT, "$REPO")
   text = text.replace("|", "\\|").replace("][", "]\\[")  # x[0][1] is not a markdown link
   return text if len(text) <= 260 else text[:257] + "..."
 
