@@ -35,6 +35,7 @@ from benchmarks.solver_defaults import (  # noqa: E402
   SHOTS,
   TASKS,
   compile_program,
+  sinusoid_problem,
   time_alternately,
 )
 
@@ -87,10 +88,7 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
                                                     "horizon_sweep.md"))
   args = parser.parse_args(argv)
-  params, apply_fn = metajax.models.make_mlp(jax.random.key(0))
-  loss = metajax.meta.mse_loss(apply_fn)
-  tasks = metajax.tasks.sinusoid(num_support=SHOTS, num_query=SHOTS)(jax.random.key(10), TASKS)
-  jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # JAX's own start-up is not compile time
+  params, loss, tasks = sinusoid_problem()
   rows, compiled = {}, {}
   for name, (adapt, target) in configs(loss).items():
     program, compile_s = compile_program(adapt, loss, params, tasks)
