@@ -352,6 +352,13 @@ def save_plot(path: str, draw, *, panels: int | None = None) -> bool:
   return True
 
 
+def write_report(path: str, text: str) -> None:
+  """Prints a benchmark's markdown report and writes it to ``path`` (the committed results)."""
+  print(text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
 def compiled_peak_bytes(compiled) -> int:
   """XLA's buffer assignment for a compiled function: temp + arguments + outputs."""
   mem = compiled.memory_analysis()

@@ -147,9 +147,7 @@ def main(argv=None):
             "steps overshot (a step past the flow's stability limit at this initialization) "
             "and had not recovered by t1.", ""]
   text = "\n".join(lines)
-  print(text)
-  with open(args.out, "w", encoding="utf-8") as f:
-    f.write(text)
+  common.write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -159,9 +159,7 @@ def main(argv=None):
         f"{r['cos_implicit']:+.3f} | {r['cos_official']:+.3f} | {r['cos_first_order']:+.3f} |")
   lines += ["", *summary(rows)]
   text = "\n".join(lines) + "\n"
-  print(text)
-  with open(args.out, "w", encoding="utf-8") as f:
-    f.write(text)
+  common.write_report(args.out, text)
 
 
 if __name__ == "__main__":

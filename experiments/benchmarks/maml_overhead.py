@@ -125,9 +125,7 @@ def main(argv=None):
       "",
   ]
   text = "\n".join(lines)
-  print(text)
-  with open(args.out, "w", encoding="utf-8") as f:
-    f.write(text)
+  common.write_report(args.out, text)
   return ratio
 
 

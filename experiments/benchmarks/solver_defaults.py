@@ -153,9 +153,7 @@ def main(argv=None):
             "is a stronger adaptation (the exact proximal solution adapts more than 5 small "
             "gradient steps).", ""]
   text = "\n".join(lines)
-  print(text)
-  with open(args.out, "w", encoding="utf-8") as f:
-    f.write(text)
+  common.write_report(args.out, text)
 
 
 if __name__ == "__main__":
