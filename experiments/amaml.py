@@ -72,6 +72,10 @@ def parse_args(argv=None):
                      positive_float=("--step-size", "--meta-lr", "--reg"),
                      int_range={"--tasks": (2, None), "--seed": common.SEED_RANGE})
   common.check_chunk(p, args)
+  if args.iterations < 2 * args.chunk:  # the first chunk compiles: time the others
+    p.error(f"--iterations {args.iterations} must be at least 2 x --chunk {args.chunk}: the "
+            "time per meta-iteration is measured on the chunks after the first (which "
+            "compiles); lower --chunk or raise --iterations.")
   args.solver_list = _names(p, "--solvers", args.solvers, AMAML_SOLVERS)
   try:
     args.step_list = [int(k) for k in args.steps.split(",")]

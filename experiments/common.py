@@ -206,6 +206,10 @@ def setup_devices(parser, args, *, meta_batch: str = "--meta-batch") -> None:
   must be all of them with several processes (the mesh spans every process), and must divide
   the meta-batch (the flag named ``meta_batch``); each is a ``parser.error``.
   """
+  batch = _flag_value(args, meta_batch)
+  if getattr(args, "mlti", None) is not None and batch < 2:
+    parser.error(f"--mlti mixes pairs of tasks of a meta-batch: it needs {meta_batch} >= 2, "
+                 f"got {batch}.")
   check_process_flags(parser, args)
   start_processes(args)
   available, processes = jax.device_count(), jax.process_count()
@@ -218,7 +222,6 @@ def setup_devices(parser, args, *, meta_batch: str = "--meta-batch") -> None:
   if processes > 1 and args.devices != available:
     parser.error(f"--devices {args.devices} must be all {available} devices of the {processes} "
                  "processes (the mesh spans every process); leave --devices out.")
-  batch = _flag_value(args, meta_batch)
   if batch % args.devices:
     parser.error(f"{meta_batch} {batch} must be a multiple of --devices {args.devices} (each "
                  "device adapts the same number of tasks).")

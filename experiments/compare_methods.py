@@ -52,12 +52,25 @@ def parse_args(argv=None):
 
 def _run(script, flags: list[str], out: str) -> dict:
   """``script.main(flags + --out out)``, or the ``results.json`` an earlier run left in ``out``
-  (an interrupted comparison resumes where it stopped; delete ``--runs`` to rerun); a run that
-  raises is recorded with its error instead of stopping the comparison."""
-  path = os.path.join(out, "results.json")
+  (an interrupted comparison resumes where it stopped; delete ``--runs`` to rerun), refused
+  when that run was made with other flags; a run that raises is recorded with its error
+  instead of stopping the comparison."""
+  path, flags_path = os.path.join(out, "results.json"), os.path.join(out, "compare_flags.json")
   if os.path.exists(path):
+    saved = None
+    if os.path.exists(flags_path):
+      with open(flags_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved != flags:
+      raise SystemExit(
+          f"compare_methods.py: error: {out} holds a finished run made with other flags "
+          f"({' '.join(saved) if saved else 'not recorded'}; now {' '.join(flags)}): its results "
+          "would be reported under this comparison's flags. Delete it or pass another --runs.")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  os.makedirs(out, exist_ok=True)
+  with open(flags_path, "w", encoding="utf-8") as f:  # before the run: no window without it
+    json.dump(flags, f)
   try:
     return script.main([*flags, "--out", out])
   except Exception as err:  # a loud solver failure: keep it in the table  # noqa: BLE001

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 if __package__ in (None, ""):  # run as a file: the repository root holds experiments/
@@ -145,6 +147,21 @@ def parse_args(argv=None):
             f"metajax.data.{config.dataset}).")
   common.setup_devices(p, args)
   return args
+
+
+# What makes a fewshot run the same run (run.json): the checkpoint flags, the method's, and what
+# --data-dir holds (its arrays' shapes and a digest of each class's first image), so a resume
+# on other data is refused while the same data at another path resumes.
+FEWSHOT_RUN_FLAGS = (*RUN_FLAGS, "context_size", "context_lr", "data_dir_holds")
+
+
+def data_fingerprint(data) -> str:
+  """``train (shape), test (shape), sha1 ...`` of the splits (the first image of each class)."""
+  digest = hashlib.sha1()
+  for split in ("train", "test"):
+    digest.update(np.ascontiguousarray(np.asarray(data[split])[:, 0]).tobytes())
+  return (f"train {tuple(np.shape(data['train']))}, test {tuple(np.shape(data['test']))}, "
+          f"sha1 {digest.hexdigest()[:12]}")
 
 
 def load_data(config: Config, data_dir):
@@ -274,6 +291,7 @@ def main(argv=None):
       "runs", f"{args.config}-{args.solver}-{args.shots}shot")
   data = load_data(config, args.data_dir)
   check_data(args, config, data)
+  args.data_dir_holds = data_fingerprint(data)
   train_images, test_images = jax.device_put(data["train"]), jax.device_put(data["test"])
   image_shape = train_images.shape[2:]
   key_init, key_train, key_eval, key_base = jax.random.split(jax.random.key(args.seed), 4)
@@ -299,7 +317,7 @@ def main(argv=None):
         train_step, state, key_train, (train_images,),
         args=args, out=out, desc=f"{args.config}/{args.solver}", metric="query_loss",
         config={**dataclasses.asdict(config), **vars(args), **common.environment()},
-        mesh=mesh)
+        run_flags=FEWSHOT_RUN_FLAGS, mesh=mesh)
   except CheckpointError as err:
     raise SystemExit(f"fewshot.py: error: {err}") from err
   state, train_seconds = trained.state, trained.seconds

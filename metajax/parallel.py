@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from metajax.meta._distribute import TASK_AXIS, check_mesh
+from metajax.meta._distribute import TASK_AXIS, auto_mesh, axis_size, check_mesh, task_axis
 from metajax.meta._distribute import replicate as _replicate
 
 __all__ = ["TASK_AXIS", "put_replicated", "replicated", "shard_family", "shard_tasks", "task_mesh",
@@ -38,7 +38,8 @@ def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def task_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding that splits the leading (task) axis over the mesh.
+  """Sharding that splits the leading (task) axis over the mesh's task axis (``"tasks"``, or
+  the only axis of a 1-D mesh, as in [`make_train_step`][metajax.meta.make_train_step]).
 
   Inside ``jit``, where tasks are sampled on device, [`shard_family`][metajax.parallel.shard_family]
   applies it to a task family's batches; outside, see [`shard_tasks`][metajax.parallel.shard_tasks].
@@ -48,7 +49,7 @@ def task_sharding(mesh: Mesh) -> NamedSharding:
     >>> tuple(task_sharding(task_mesh()).spec)
     ('tasks',)
   """
-  return NamedSharding(mesh, PartitionSpec(TASK_AXIS))
+  return NamedSharding(mesh, PartitionSpec(task_axis(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -125,18 +126,19 @@ def shard_family(family: Callable, mesh: Mesh) -> Callable:
   def sample(key, num_tasks, *data):
     tasks = family(key, num_tasks, *data)
     _check_task_axis(tasks, mesh)
-    return jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))
+    # a constraint names Auto axes (jax.make_mesh's default axes are Explicit)
+    return jax.lax.with_sharding_constraint(tasks, task_sharding(auto_mesh(mesh)))
 
   return sample
 
 
 def _check_task_axis(tasks, mesh: Mesh) -> None:
-  """Every leaf has a leading task axis whose size is a multiple of the mesh size."""
-  size = mesh.devices.size
+  """Every leaf has a leading task axis whose size is a multiple of the mesh's task axis."""
+  size, name = axis_size(mesh), task_axis(mesh)
   for path, leaf in jax.tree_util.tree_leaves_with_path(tasks):
     where = f"tasks{jax.tree_util.keystr(path)}"
     if np.ndim(leaf) == 0:
       raise ValueError(f"{where} is a scalar: every leaf needs a leading task axis.")
     if np.shape(leaf)[0] % size:
       raise ValueError(f"the task axis of {where} (size {np.shape(leaf)[0]}) must be a "
-                       f"multiple of the mesh size {size}.")
+                       f"multiple of the mesh size {size} along its task axis {name!r}.")

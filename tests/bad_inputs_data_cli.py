@@ -106,17 +106,25 @@ def _corrupt_omniglot_cache():
   return _omniglot(directory, num_train=2)
 
 
+def _stamped(directory) -> np.ndarray:
+  """The source stamp of ``directory``'s archives: the cache is then taken as built from them."""
+  from metajax.data._common import source_stamp
+  return np.array(source_stamp([os.path.join(directory, f"images_{part}.zip")
+                                for part in ("background", "evaluation")]))
+
+
 def _old_omniglot_cache():
   directory = _omniglot_dir()
   split = np.zeros((2, 3, 28, 28, 1), np.uint8)
-  np.savez(os.path.join(directory, "omniglot_28.npz"), train=split, test=split)
+  np.savez(os.path.join(directory, "omniglot_28.npz"), train=split, test=split,
+           sources=_stamped(directory))
   return _omniglot(directory, num_train=2)
 
 
 def _wrong_size_omniglot_cache():
   directory = _omniglot_dir()
   np.savez(os.path.join(directory, "omniglot_28.npz"),
-           characters=np.zeros((4, 3, 14, 14), np.uint8))
+           characters=np.zeros((4, 3, 14, 14), np.uint8), sources=_stamped(directory))
   return _omniglot(directory, num_train=2)
 
 

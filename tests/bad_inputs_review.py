@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import tempfile
 
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import metajax
+from experiments.checkpoints import CheckpointError
 from metajax.solvers import inner_optimizers, linear_solvers
-from tests.bad_inputs_data_cli import _cli
+from tests.bad_inputs_data_cli import _cli, _mini, _mini_root, _script
 from tests.badinput import Case
 
 S, M = metajax.solvers, metajax.meta
@@ -37,6 +42,31 @@ def _train(state_optimizer, key):
 def _context_objective():
   loss = M.mse_loss(metajax.models.with_context(lambda p, x: x @ p["w"] + p["b"]))
   return M.meta_objective(S.context(S.unrolled(loss, steps=1), 2), loss)(PARAMS, TASKS)
+
+
+def _stale_comparison():
+  """A --runs directory holding a finished run of 2 iterations, asked for 500."""
+  out = os.path.join(tempfile.mkdtemp(), "sinusoid-maml")
+  os.makedirs(out)
+  with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+    json.dump({"query_mse": 1.0}, f)
+  with open(os.path.join(out, "compare_flags.json"), "w", encoding="utf-8") as f:
+    json.dump(["--iterations", "2"], f)
+  compare = _script("compare_methods")
+  return compare._run(compare.sinusoid, ["--iterations", "500"], out)
+
+
+def _resume_on_other_data():
+  fewshot = _script("fewshot")
+  directory = tempfile.mkdtemp()
+  run = dict(config="miniimagenet", solver="maml", shots=1, meta_batch=2, seed=0, mlti=None,
+             context_size=100, context_lr=1.0)
+  holds = lambda classes: fewshot.data_fingerprint(
+      {"train": np.zeros((classes, 2, 4, 4, 3), np.uint8), "test": np.ones((2, 2, 4, 4, 3))})
+  fewshot.check_run(directory, argparse.Namespace(**run, data_dir_holds=holds(5)),
+                    resuming=False, run_flags=fewshot.FEWSHOT_RUN_FLAGS)
+  fewshot.check_run(directory, argparse.Namespace(**run, data_dir_holds=holds(7)),
+                    resuming=True, run_flags=fewshot.FEWSHOT_RUN_FLAGS)
 
 
 CASES = [
@@ -100,4 +130,20 @@ CASES = [
     Case("cli", "fewshot.py --out under a path that is a file",
          _cli("fewshot", "--out", os.path.join(os.path.abspath(__file__), "run")), ValueError,
          r"fewshot.py: error: --out .*run cannot be a directory: .*bad_inputs_review.py is a file"),
+    Case("cli", "compare_methods.py reusing a finished run made with other flags",
+         _stale_comparison, SystemExit,
+         r"holds a finished run made with other flags \(--iterations 2; now --iterations 500\)"),
+    Case("checkpoints", "fewshot.py resumed with a --data-dir holding other data",
+         _resume_on_other_data, CheckpointError,
+         r"belong to another run: --data-dir-holds train \(7, 2, 4, 4, 3\).*\(checkpoints: "
+         r"train \(5, 2, 4, 4, 3\)"),
+    Case("cli", "sinusoid.py --mlti with --meta-batch 1",
+         _cli("sinusoid", "--mlti", "0.5", "--meta-batch", "1"), ValueError,
+         r"--mlti mixes pairs of tasks of a meta-batch: it needs --meta-batch >= 2, got 1"),
+    Case("cli", "amaml.py --iterations that fit in one chunk (nothing left to time)",
+         _cli("amaml", "--iterations", "4"), ValueError,
+         r"--iterations 4 must be at least 2 x --chunk 4"),
+    Case("data", "load_miniimagenet with an image listed in two classes",
+         lambda: _mini(_mini_root(rows=[("a.jpg", "n01"), ("b.jpg", "n01"), ("a.jpg", "n02")])),
+         ValueError, r"train\.csv lists a\.jpg twice \(lines 2 and 4\)"),
 ]

@@ -32,6 +32,9 @@ def _write_omniglot_zip(path, root, alphabets, first_character, drawers=20):
         for d in range(1, drawers + 1):
           name = f"{root}/{alphabet}/character{c:02d}/{character:04d}_{d:02d}.png"
           archive.writestr(name, _stroke_png(character, d))
+          if d == 1:  # a zip re-made on macOS: resource forks beside the drawings, skipped
+            archive.writestr(f"__MACOSX/{root}/{alphabet}/character{c:02d}/._"
+                             f"{character:04d}_{d:02d}.png", b"\0\x05\x16\x07 Mac OS X")
         character += 1
   return character
 
@@ -78,7 +81,8 @@ def test_omniglot_cache_holds_the_unsplit_characters(omniglot_dir):
   """The cache is split after loading: another num_train gets its own split, not the cached one."""
   six = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=6, verify=False)
   with np.load(omniglot_dir / "omniglot_28.npz") as cache:
-    assert cache.files == ["characters"] and cache["characters"].shape == (10, 20, 28, 28)
+    assert sorted(cache.files) == ["characters", "sources"]  # sources: the archives' stamp
+    assert cache["characters"].shape == (10, 20, 28, 28)
   eight = metajax.data.load_omniglot_zips(str(omniglot_dir), num_train=8, verify=False)
   assert eight["train"].shape == (8, 20, 28, 28, 1) and eight["test"].shape == (2, 20, 28, 28, 1)
   both = np.concatenate([six["train"], six["test"]])
@@ -124,7 +128,9 @@ def test_miniimagenet_split_files(tmp_path):
   (tmp_path / "images").mkdir()
   rng = np.random.default_rng(0)
   for split, classes in (("train", ["n01", "n02", "n03"]), ("test", ["n09", "n08"])):
-    with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+    # test.csv as a spreadsheet saves it: with a UTF-8 byte-order mark
+    with open(tmp_path / f"{split}.csv", "w", newline="",
+              encoding="utf-8-sig" if split == "test" else "utf-8") as f:
       writer = csv.writer(f)
       writer.writerow(["filename", "label"])
       for label in classes:
@@ -143,6 +149,31 @@ def test_miniimagenet_split_files(tmp_path):
     metajax.data.load_miniimagenet(str(tmp_path), splits=("dev",))
   with pytest.raises(FileNotFoundError, match="val.csv"):
     metajax.data.load_miniimagenet(str(tmp_path), splits=("val",))
+
+
+def test_caches_are_rebuilt_when_their_source_files_change(tmp_path):
+  (tmp_path / "images").mkdir()
+  rows = [(f"n0{c}{i:08d}.jpg", f"n0{c}") for c in (1, 2, 3) for i in range(2)]
+  for name, label in rows:
+    Image.new("RGB", (10, 10), (int(label[1:]) * 20,) * 3).save(tmp_path / "images" / name)
+
+  def write_split(rows):
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+      csv.writer(f).writerows([("filename", "label"), *rows])
+
+  write_split(rows)
+  load = lambda: metajax.data.load_miniimagenet(str(tmp_path), splits=("train",))["train"]
+  assert load().shape == (3, 2, 84, 84, 3) and (tmp_path / "mini_train_84.npz").exists()
+  write_split(rows[:4])  # the split file edited down to two classes
+  assert load().shape == (2, 2, 84, 84, 3)
+  # Omniglot: archives replaced by others (more characters) rebuild omniglot_<size>.npz.
+  _write_omniglot_zip(tmp_path / "images_background.zip", "images_background", [("Latin", 3)], 1)
+  _write_omniglot_zip(tmp_path / "images_evaluation.zip", "images_evaluation", [("Greek", 2)], 4)
+  first = metajax.data.load_omniglot_zips(str(tmp_path), num_train=3, verify=False)
+  assert first["test"].shape[0] == 2
+  _write_omniglot_zip(tmp_path / "images_evaluation.zip", "images_evaluation", [("Greek", 4)], 4)
+  assert metajax.data.load_omniglot_zips(str(tmp_path), num_train=3,
+                                         verify=False)["test"].shape[0] == 4
 
 
 def test_digits_have_disjoint_class_splits():

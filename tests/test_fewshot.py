@@ -375,3 +375,6 @@ def test_fewshot_experiment_checkpoints_and_resumes(tmp_path, experiment_env):
   fresh = json.loads((tmp_path / "straight" / "results.json").read_text())
   assert resumed["accuracy"] == pytest.approx(fresh["accuracy"], abs=1e-6)
   assert (tmp_path / "resumed" / "training.png").exists()
+  # The run records what --data-dir held, so a resume on other data is refused.
+  record = json.loads((tmp_path / "resumed" / "checkpoints" / "run.json").read_text())
+  assert record["data_dir_holds"].startswith("train (") and record["context_lr"] == 1.0

@@ -44,6 +44,21 @@ def test_shard_tasks_rejects_indivisible_batch():
     metajax.parallel.shard_tasks(jnp.zeros((6, 2)), metajax.parallel.task_mesh())
 
 
+def test_shard_helpers_find_the_task_axis_as_make_train_step_does():
+  # jax.make_mesh: Explicit axes by default; a 1-D mesh's only axis is the task axis
+  data = jax.make_mesh((4,), ("data",))
+  assert metajax.parallel.shard_tasks(jnp.zeros((8, 2)), data).sharding.spec == P("data")
+  sample = jax.jit(metajax.parallel.shard_family(metajax.tasks.sinusoid(), data),
+                   static_argnums=1)
+  tasks = sample(jax.random.key(0), 8)
+  assert len(tasks.support[0].sharding.device_set) == 4
+  # 2 x 2 (tasks, model): the tasks split over the 2-wide 'tasks' axis only
+  grid = jax.make_mesh((2, 2), ("tasks", "model"))
+  assert metajax.parallel.shard_tasks(jnp.zeros((6, 2)), grid).sharding.spec == P("tasks")
+  with pytest.raises(ValueError, match="multiple of the mesh size 2 along its task axis 'tasks'"):
+    metajax.parallel.shard_tasks(jnp.zeros((5, 2)), grid)
+
+
 @pytest.mark.parametrize("placement", ["device_0", "replicated"])
 def test_train_step_with_placed_meta_params_compiles_once(placement):
   """Meta-parameters put on a device or replicated over the mesh: the state init_train_state

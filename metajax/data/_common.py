@@ -92,7 +92,17 @@ def group_by_class(images, labels, *, per_class: int | None = None,
   return np.stack([images[labels == c][:size] for c in classes])
 
 
-def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8):
+def source_stamp(paths) -> str:
+  """A digest of the names, sizes and modification times of ``paths``: changes when a source
+  file is replaced or edited (a cache built from other files is then rebuilt)."""
+  digest = hashlib.sha1()
+  for path in paths:
+    info = os.stat(path)
+    digest.update(f"{os.path.basename(path)}:{info.st_size}:{info.st_mtime_ns};".encode())
+  return digest.hexdigest()
+
+
+def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8, sources=()):
   """Loads ``{'name': array}`` from the ``.npz`` at ``path``, else builds and saves it.
 
   Args:
@@ -100,18 +110,25 @@ def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8)
     build: ``() -> {'name': array}``, called when there is no cache file.
     expect: the arrays the cache must hold and their shapes (``None``: any size on that axis).
     dtype: the dtype every cached array must have.
+    sources: the files the arrays are built from; the cache records their
+      [`source_stamp`][metajax.data._common.source_stamp] and is rebuilt when it differs.
 
   Raises:
     ValueError: the cache file is unreadable (corrupt or truncated) or does not hold the expected
       arrays; the message names the file and says to delete it.
   """
-  if not (path and os.path.exists(path)):
+  stamp = source_stamp(sources) if sources else None
+
+  def rebuild():
     arrays = build()
     if path:
       tmp = path + ".tmp.npz"
-      np.savez(tmp, **arrays)
+      np.savez(tmp, **arrays, **({} if stamp is None else {"sources": np.array(stamp)}))
       os.replace(tmp, path)
     return arrays
+
+  if not (path and os.path.exists(path)):
+    return rebuild()
   fix = "delete it and it will be rebuilt from the source files"
   try:
     with np.load(path, allow_pickle=False) as data:
@@ -119,6 +136,9 @@ def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8)
   except Exception as err:  # any failure to read means the file is unusable
     raise ValueError(f"cache file {path} is corrupt or truncated ({type(err).__name__}: "
                      f"{err}); {fix}.") from err
+  if stamp is not None and str(arrays.pop("sources", "")) != stamp:
+    return rebuild()  # built from other source files (or before they were recorded)
+  arrays.pop("sources", None)
   for name, shape in expect.items():
     if name not in arrays:
       raise ValueError(f"cache file {path} does not hold the array {name!r} (it holds "

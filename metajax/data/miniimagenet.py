@@ -26,7 +26,7 @@ HEADER = ("filename", "label")
 def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
   """``(filenames, labels)`` listed in a split file with the header ``filename,label``."""
   try:
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM too
       rows = list(csv.reader(f))
   except UnicodeDecodeError as err:
     raise ValueError(f"{csv_path} is not a UTF-8 text CSV file ({err}).") from err
@@ -38,7 +38,7 @@ def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
     raise ValueError(f"{csv_path} has the header {','.join(rows[0])!r}, expected "
                      "'filename,label'.")
   file_col, label_col = header.index("filename"), header.index("label")
-  filenames, labels = [], []
+  filenames, labels, first_line = [], [], {}
   for line, row in enumerate(rows[1:], start=2):
     if not row:
       continue  # a blank line
@@ -47,6 +47,10 @@ def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
                        f"{','.join(row)!r}.")
     filenames.append(row[file_col].strip())
     labels.append(row[label_col].strip())
+    if filenames[-1] in first_line:  # one drawing in support and query, or in two classes
+      raise ValueError(f"{csv_path} lists {filenames[-1]} twice (lines {first_line[filenames[-1]]} "
+                       f"and {line}); each image belongs to one class once.")
+    first_line[filenames[-1]] = line
   if not filenames:
     raise ValueError(f"{csv_path} lists no images, only the header.")
   return filenames, labels
@@ -60,7 +64,8 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
     root: folder with the split CSV files and ``images/``.
     splits: which of ``train``, ``val``, ``test`` to load (a sequence of names).
     image_size: output height and width.
-    cache: save each split as ``mini_<split>_<size>.npz`` in ``root`` and reuse it.
+    cache: save each split as ``mini_<split>_<size>.npz`` in ``root`` and reuse it while
+      its split file is unchanged (an edited ``<split>.csv`` rebuilds it).
 
   Raises:
     FileNotFoundError: ``root``, a split file or listed images are missing (named).
@@ -120,5 +125,6 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
 
     path = os.path.join(root, f"mini_{split}_{image_size}.npz") if cache else None
     expect = {"images": (None, None, image_size, image_size, 3)}
-    out[split] = cached(path, build, expect=expect)["images"]
+    # rebuilt when the split file changes (the images may be deleted once cached)
+    out[split] = cached(path, build, expect=expect, sources=[csv_path])["images"]
   return out

@@ -111,7 +111,7 @@ def _read_archive(path: str, image_size: int, images: list, labels: list) -> Non
     with zipfile.ZipFile(path) as archive:
       for name in sorted(archive.namelist()):
         match = _NAME.search(name)
-        if not match:
+        if not match or name.startswith("__MACOSX/"):  # macOS's resource forks: not drawings
           continue
         data = archive.read(name)
         try:
@@ -147,7 +147,8 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
     verify: check each archive's size and sha256 against
       [`OMNIGLOT_ARCHIVES`][metajax.data.OMNIGLOT_ARCHIVES].
     cache: save the decoded ``(characters, drawers, H, W)`` array, before the split, as
-      ``omniglot_<size>.npz`` in ``directory`` and reuse it (for any ``num_train``).
+      ``omniglot_<size>.npz`` in ``directory`` and reuse it (for any ``num_train``) while
+      the archives are unchanged (other archives rebuild it).
 
   Returns:
     ``{'train': (1200, 20, 28, 28, 1), 'test': (423, 20, 28, 28, 1)}`` (uint8).
@@ -182,7 +183,8 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
     return {"characters": _by_character(images, labels, " and ".join(paths))}
 
   path = os.path.join(directory, f"omniglot_{image_size}.npz") if cache else None
-  characters = cached(path, build, expect={"characters": (None, None, image_size, image_size)})
+  characters = cached(path, build, expect={"characters": (None, None, image_size, image_size)},
+                      sources=paths)
   return vinyals_split(characters["characters"], num_train)
 
 
