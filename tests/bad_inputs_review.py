@@ -39,6 +39,13 @@ def _train(state_optimizer, key):
   return step(M.init_train_state(PARAMS, state_optimizer), key)
 
 
+def _equinox_with_batch_norm():
+  import equinox as eqx
+  return metajax.models.from_equinox(
+      eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=jax.random.key(0)),
+                         eqx.nn.BatchNorm(4, axis_name="batch")]))
+
+
 def _context_objective():
   loss = M.mse_loss(metajax.models.with_context(lambda p, x: x @ p["w"] + p["b"]))
   return M.meta_objective(S.context(S.unrolled(loss, steps=1), 2), loss)(PARAMS, TASKS)
@@ -146,4 +153,7 @@ CASES = [
     Case("data", "load_miniimagenet with an image listed in two classes",
          lambda: _mini(_mini_root(rows=[("a.jpg", "n01"), ("b.jpg", "n01"), ("a.jpg", "n02")])),
          ValueError, r"train\.csv lists a\.jpg twice \(lines 2 and 4\)"),
+    Case("models", "from_equinox on a module with eqx.nn.BatchNorm (stateful)",
+         _equinox_with_batch_norm, TypeError,
+         r"from_equinox: Sequential holds stateful layers \(eqx.nn.BatchNorm"),
 ]

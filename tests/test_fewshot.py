@@ -296,6 +296,30 @@ def test_nnx_and_equinox_adapters_adapt_like_raw_params():
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
 
 
+def test_nnx_batch_norm_in_training_mode_is_transductive_and_leaves_the_module_alone():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.linear, self.norm = nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.linear(x))
+
+  net = Net(nnx.Rngs(0))
+  mean_before = np.asarray(net.norm.mean[...])
+  params, apply_fn = metajax.models.from_nnx(net)
+  x = jax.random.normal(jax.random.key(0), (6, 3)) + 2.0
+  out = jax.jit(apply_fn)(params, x)  # was: TraceContextError (mutating BatchStat under jit)
+  # training mode normalizes with the batch's own statistics (transductive batch norm)
+  np.testing.assert_allclose(np.asarray(out.mean(0)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(apply_fn(params, x)), np.asarray(out), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(net.norm.mean[...]), mean_before)  # not updated
+  adapt = metajax.solvers.unrolled(metajax.meta.mse_loss(apply_fn), steps=2, step_size=0.1)
+  assert jax.tree.structure(jax.jit(adapt)(params, (x, jnp.ones((6, 4))))) == \
+      jax.tree.structure(params)
+
+
 def _conv_setup(dtype=jnp.float32, conv_impl="auto"):
   images = jax.device_put(_class_images(num_classes=6, per_class=5, size=8))
   params, apply_fn = init_model(Conv4(3, filters=4, blocks=2, conv_impl=conv_impl),

@@ -12,7 +12,11 @@ def from_nnx(module) -> tuple[Any, Callable]:
   """Splits a ``flax.nnx`` module into trainable ``nnx.Param`` state and an apply function.
 
   Non-parameter state (e.g. batch-norm running statistics) stays fixed inside
-  ``apply_fn``; ``params`` is a pytree that every solver can adapt.
+  ``apply_fn``: each call runs on a copy, so updates a module makes while it runs (a
+  ``BatchNorm`` in training mode normalizes with the batch's statistics and would update its
+  averages; a ``Dropout`` advances its RNG count) are discarded. A training-mode ``Dropout``
+  therefore draws the same mask on every call: call ``module.eval()`` first to turn it off.
+  ``params`` is a pytree that every solver can adapt.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -32,7 +36,11 @@ def from_nnx(module) -> tuple[Any, Callable]:
                      "nothing to adapt.")
 
   def apply_fn(params, *args, **kwargs):
-    return nnx.merge(graphdef, params, rest)(*args, **kwargs)
+    # A copy of the rest per call: what the module mutates while it runs (batch-norm running
+    # statistics in training mode, dropout's RNG count) is discarded, so the original module is
+    # never changed and apply_fn is a pure function under jit, vmap and grad.
+    fixed = jax.tree.map(jnp.array, rest)
+    return nnx.merge(graphdef, params, fixed)(*args, **kwargs)
 
   return params, apply_fn
 
@@ -58,6 +66,13 @@ def from_equinox(module, *, batched: bool = True) -> tuple[Any, Callable]:
                     f"{_describe(module)}{_hint(module)}")
   if not isinstance(batched, bool):
     raise TypeError(f"batched must be True or False, got {batched!r}.")
+  is_state = lambda node: isinstance(node, eqx.nn.StateIndex)
+  if any(is_state(node) for node in jax.tree.leaves(module, is_leaf=is_state)):
+    raise TypeError(f"from_equinox: {type(module).__name__} holds stateful layers "
+                    "(eqx.nn.BatchNorm or another eqx.nn.StateIndex), which are called with a "
+                    "state argument that apply_fn(params, x) does not pass; use a stateless "
+                    "module (eqx.nn.LayerNorm, GroupNorm) or metajax.models.Conv4 with "
+                    "norm='transductive'.")
   params, static = eqx.partition(module, eqx.is_inexact_array)
   if not jax.tree.leaves(params):
     raise ValueError(f"from_equinox: {type(module).__name__} holds no floating-point arrays: "
