@@ -20,6 +20,7 @@ from tests.bad_inputs_data_cli import _cli, _mini, _mini_root, _script
 from tests.badinput import Case
 
 S, M = metajax.solvers, metajax.meta
+RUNTIME = (RuntimeError, jax.errors.JaxRuntimeError)
 LOSS = M.mse_loss(lambda p, x: x @ p["w"] + p["b"])
 PARAMS = {"w": jnp.ones((2,)), "b": jnp.zeros(())}
 TASKS = metajax.tasks.Task((jnp.ones((3, 4, 2)), jnp.ones((3, 4))),
@@ -156,4 +157,9 @@ CASES = [
     Case("models", "from_equinox on a module with eqx.nn.BatchNorm (stateful)",
          _equinox_with_batch_norm, TypeError,
          r"from_equinox: Sequential holds stateful layers \(eqx.nn.BatchNorm"),
+    Case("solvers", "traced Meta-SGD rates with an inf in one leaf (the message shows the inf)",
+         lambda: jax.jit(lambda rates: MAML(PARAMS, (jnp.ones((4, 2)), jnp.ones(4)),
+                                            step_size=rates))(
+             {"w": jnp.array([0.1, jnp.inf]), "b": jnp.asarray(0.01)}), RUNTIME,
+         r"unrolled solver, inner stage.*step_size=inf"),
 ]

@@ -40,6 +40,7 @@ def short(message: str) -> str:
   text = text.replace("(throw=False returns the status in AdaptInfo.result instead of raising.)",
                       "").strip()
   text = re.sub(r"/tmp/[^\s:'\"]+/", "$TMP/", text)
+  text = re.sub(r"/tmp/tmp\w+", "$TMP", text)  # a temporary directory named last
   text = re.sub(r" at 0x[0-9a-f]+>", ">", text)  # object addresses change every run
   text = text.replace(ROOT, "$REPO")
   text = text.replace("|", "\\|").replace("][", "]\\[")  # x[0][1] is not a markdown link

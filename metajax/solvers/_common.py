@@ -177,9 +177,14 @@ def hyperparameter_result(value, *, strict: bool = True, signed: bool = False) -
 
 
 def worst(value) -> jax.Array:
-  """A scalar summary of a hyperparameter for messages: its smallest entry (NaN if any)."""
-  leaves = [jnp.min(jnp.asarray(x)) for x in jax.tree.leaves(value)]
-  return jnp.min(jnp.stack(leaves)) if leaves else jnp.zeros(())
+  """A scalar summary of a hyperparameter for messages: its first non-finite entry (NaN or
+  +-inf) if it has one, else its smallest."""
+  leaves = [jnp.ravel(jnp.asarray(x)) for x in jax.tree.leaves(value)]
+  if not leaves:
+    return jnp.zeros(())
+  flat = jnp.concatenate(leaves)
+  bad = ~jnp.isfinite(flat)
+  return jnp.where(jnp.any(bad), flat[jnp.argmax(bad)], jnp.min(flat))
 
 
 def as_scalar(name: str, value, dtype) -> jax.Array:
