@@ -176,7 +176,7 @@ def test_evaluate_twice_with_the_same_functions_compiles_once():
   assert len(traces) > traced  # a new chunk size is a new shape: compiled again
 
 
-@pytest.mark.parametrize("solver", ["maml", "fomaml", "metasgd", "reptile", "imaml", "adjoint"])
+@pytest.mark.parametrize("solver", ["fomaml", "metasgd", "reptile", "imaml", "adjoint"])
 def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path, experiment_env):
   out = tmp_path / solver
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "sinusoid.py"), "--solver", solver,
@@ -193,7 +193,8 @@ def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path, experiment_env):
 
 
 def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path, experiment_env):
-  """The README's main job, unchanged: 70,000 meta-iterations (~40 s on 2 cores), 600 test tasks."""
+  """The README's main job, unchanged: 70,000 meta-iterations (~40 s on 2 cores), 600 test tasks
+  (MAML's run through the script; the other solvers run short in the test above)."""
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "sinusoid.py"), "--out", str(tmp_path)]
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=experiment_env)
   assert run.returncode == 0, run.stderr[-2000:]
@@ -201,6 +202,10 @@ def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path, experi
   assert [row["steps"] for row in result["rows"]] == [1, 5, 10]
   for row in result["rows"]:  # MAML paper: 0.67 / 0.38 / 0.35
     assert row["mse"] <= row["paper"], result["rows"]
+  log = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  events = [json.loads(line)["event"] for line in log]
+  assert events[0] == "config" and events[-1] == "eval" and set(events[1:-1]) == {"train"}
+  assert (tmp_path / "adaptation.png").stat().st_size > 1000 and "| 10 |" in run.stdout
 
 
 def test_cosmixture_experiment_compares_all_solvers(tmp_path, experiment_env):

@@ -300,7 +300,9 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
   _check_float_dtype(dtype)
   if callable(getattr(module, "check", None)):
     module.check(input_shape)
-  params = module.init(key, jnp.zeros((2, *input_shape), dtype))["params"]
+  # One compiled program: eager init dispatches (and compiles) every op on its own, ~3x slower
+  # for a Conv4 on 84 x 84 images.
+  params = jax.jit(module.init)(key, jnp.zeros((2, *input_shape), dtype))["params"]
 
   def apply_fn(params, x, **kwargs):  # kwargs: e.g. Conv4's context=
     if getattr(x, "ndim", 4) != 4:
