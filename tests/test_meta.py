@@ -192,11 +192,11 @@ def test_sinusoid_experiment_runs_end_to_end(solver, tmp_path, experiment_env):
   assert "| 10 |" in run.stdout
 
 
-def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path, experiment_env):
+def test_sinusoid_experiment_with_defaults_meets_the_maml_paper(tmp_path, release_env):
   """The README's main job, unchanged: 70,000 meta-iterations (~40 s on 2 cores), 600 test tasks
   (MAML's run through the script; the other solvers run short in the test above)."""
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "sinusoid.py"), "--out", str(tmp_path)]
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=experiment_env)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=release_env)
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads((tmp_path / "results.json").read_text())
   assert [row["steps"] for row in result["rows"]] == [1, 5, 10]
