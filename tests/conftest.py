@@ -1,4 +1,4 @@
-"""Test setup: 4 fake CPU devices and float64 available (float32 arrays stay float32)."""
+"""Test setup: 4 fake CPU devices, float64 available (float32 stays float32), fast compiles."""
 
 import os
 
