@@ -118,6 +118,7 @@ def interpolate(family: Callable, *, alpha: float = 0.5) -> Callable:
     (3, 10, 1)
   """
   _common.check_callable("family", family)
+  _common.check_family("family", family)
   alpha = _check_alpha(alpha)
 
   def sample(key, num_tasks: int, *data) -> Task:

@@ -77,6 +77,25 @@ def _resume_on_other_data():
                     resuming=True, run_flags=fewshot.FEWSHOT_RUN_FLAGS)
 
 
+def _nan_query_step():
+  vg = jax.value_and_grad(M.meta_objective(MAML, LOSS))
+  bad = metajax.tasks.Task(TASKS.support, (TASKS.query[0].at[0].set(jnp.nan), TASKS.query[1]))
+  step = M.make_train_step(vg, optax.adam(1e-3), lambda k, n: bad, meta_batch_size=3)
+  return step(M.init_train_state(PARAMS, optax.adam(1e-3)), jax.random.key(0))
+
+
+def _flax_mlp_on_wider_inputs():
+  params, apply_fn = metajax.models.make_mlp(jax.random.key(0), 1, (8, 1))
+  adapt = S.unrolled(M.mse_loss(apply_fn), steps=1, step_size=0.1)
+  return adapt(params, (jnp.ones(5), jnp.ones((5, 1))))  # x of shape (5,): 5 features, not 1
+
+
+def _train_with_data_the_family_does_not_take():
+  vg = jax.value_and_grad(M.meta_objective(MAML, LOSS))
+  step = M.make_train_step(vg, optax.adam(1e-3), lambda k, n: TASKS, meta_batch_size=3)
+  return step(M.init_train_state(PARAMS, optax.adam(1e-3)), jax.random.key(0), jnp.ones(3))
+
+
 CASES = [
     Case("meta", "meta_params holding a hyperparameter that learn= does not name",
          lambda: jax.grad(M.meta_objective(MAML, LOSS, learn=("step_size",)))(
@@ -162,4 +181,43 @@ CASES = [
                                             step_size=rates))(
              {"w": jnp.array([0.1, jnp.inf]), "b": jnp.asarray(0.01)}), RUNTIME,
          r"unrolled solver, inner stage.*step_size=inf"),
+    Case("meta", "tasks with an empty query (0 query examples)",
+         lambda: M.meta_objective(MAML, LOSS)(PARAMS, metajax.tasks.Task(
+             TASKS.support, (TASKS.query[0][:, :0], TASKS.query[1][:, :0]))), ValueError,
+         r"tasks.query\[0\] is empty \(shape \(3, 0, 2\)\): every task needs at least one "
+         "support and one query example"),
+    Case("meta", "train step meeting a NaN in the query data (message names the query)",
+         _nan_query_step, RUNTIME,
+         r"outer stage.*check the tasks' support and query data.*nonfinite='skip'"),
+    Case("solvers", "unrolled with bfloat16 params (updates round away)",
+         lambda: S.unrolled(_quad, steps=5, step_size=1e-3)(jnp.ones(4, jnp.bfloat16),
+                                                            jnp.full(4, 2.0, jnp.bfloat16)),
+         TypeError, r"unrolled solver needs float32 or float64 params, got bfloat16.*rounds away"),
+    Case("meta", "meta_objective with adapt and loss_fn swapped",
+         lambda: M.meta_objective(LOSS, MAML), TypeError,
+         r"meta_objective: loss_fn is an inner solver .*arguments look swapped"),
+    Case("meta", "evaluate with adapt and the metric swapped",
+         lambda: M.evaluate(LOSS, MAML, PARAMS, TASKS), TypeError,
+         r"metric_fn is an inner solver .*arguments look swapped"),
+    Case("meta", "reptile_value_and_grad with adapt and loss_fn swapped",
+         lambda: M.reptile_value_and_grad(LOSS, MAML), TypeError,
+         r"reptile_value_and_grad: loss_fn is an inner solver"),
+    Case("meta", "train step given a family factory (tasks.sinusoid, not tasks.sinusoid())",
+         lambda: M.make_train_step(jax.value_and_grad(M.meta_objective(MAML, LOSS)),
+                                   optax.adam(1e-3), metajax.tasks.sinusoid, meta_batch_size=2),
+         TypeError, r"sample_tasks is called as sample_tasks\(key, num_tasks, \*data\).*"
+                    r"metajax.tasks.sinusoid\(\), not metajax.tasks.sinusoid"),
+    Case("tasks", "interpolate given a family factory",
+         lambda: metajax.tasks.interpolate(metajax.tasks.sinusoid), TypeError,
+         r"family is called as family\(key, num_tasks, \*data\)"),
+    Case("meta", "train step given data its family does not take",
+         _train_with_data_the_family_does_not_take, TypeError,
+         r"sample_tasks\(key, num_tasks, \*data\) with 1 data argument\(s\)"),
+    Case("meta", "meta_params holding an int32 hyperparameter",
+         lambda: M.init_train_state({"params": PARAMS, "reg": jnp.int32(2)}, optax.adam(1e-3)),
+         TypeError, r"found meta_params\['reg'\] \(int32\) \(write 2.0, not 2"),
+    Case("solvers", "a flax MLP given inputs of another width",
+         _flax_mlp_on_wider_inputs, ValueError,
+         r"the model does not take this support \(shapes \(\(5,\), \(5, 1\)\).*"
+         "ScopeParamShapeError"),
 ]

@@ -133,6 +133,16 @@ def test_learned_step_size_receives_gradient():
     objective(params, tasks)
 
 
+def test_python_numbers_among_meta_params_become_float_arrays():
+  """reg=2 is the number 2.0 to learn, as reg=2.0 is (not an int32 leaf grad refuses)."""
+  params = {"w": jnp.ones(2, jnp.float32)}
+  for reg in (2, 2.0):
+    state = metajax.meta.init_train_state({"params": params, "reg": reg}, optax.adam(1e-3))
+    assert state.meta_params["reg"].dtype == jnp.float32 and float(state.meta_params["reg"]) == 2
+  with pytest.raises(TypeError, match=r"meta_params\['flag'\] \(bool\)"):
+    metajax.meta.init_train_state({"params": params, "flag": True}, optax.adam(1e-3))
+
+
 def test_confidence_interval_is_normal_approximation():
   values = np.random.default_rng(0).normal(size=400)
   mean, half = metajax.meta.confidence_interval(values)

@@ -67,6 +67,7 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
   """
   _common.check_callable("adapt", adapt)
   _common.check_callable("metric_fn", metric_fn)
+  _common.check_not_solver("metric_fn", metric_fn, "make_evaluator")
   _common.check_positive_int("chunk", chunk)
   if task_batching not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from metajax.solvers import _loops
+from metajax.solvers import _common, _loops
 from metajax.tasks import Task
 
 PyTree = Any
@@ -97,6 +97,10 @@ def check_tasks(tasks) -> int:
   n = next(iter(sizes.values()))
   if n == 0:
     raise ValueError("tasks is empty (0 tasks).")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tasks):
+    if 0 in jnp.shape(leaf)[1:]:
+      raise ValueError(f"tasks{jax.tree_util.keystr(path)} is empty (shape {jnp.shape(leaf)}): "
+                       "every task needs at least one support and one query example.")
   return n
 
 
@@ -192,6 +196,7 @@ def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn,
   ``extra`` names the further arguments the objective takes."""
   if not callable(adapt) or not callable(loss_fn):
     raise TypeError(f"{name}(adapt, loss_fn): both must be callable.")
+  _common.check_not_solver("loss_fn", loss_fn, name)
   learned = _learned(adapt, learn)
   if task_batching not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
@@ -225,6 +230,7 @@ def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching:
     >>> tasks = metajax.tasks.sinusoid()(jax.random.key(0), 4)
     >>> value, direction = metajax.meta.reptile_value_and_grad(adapt, loss)(jnp.ones((1, 1)), tasks)
   """
+  _common.check_not_solver("loss_fn", loss_fn, "reptile_value_and_grad")
   if task_batching not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
 

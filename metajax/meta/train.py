@@ -58,8 +58,8 @@ def init_train_state(meta_params, optimizer: optax.GradientTransformation) -> Tr
   strong = [x.dtype for x in leaves if hasattr(x, "dtype") and not getattr(x, "weak_type", False)
             and jnp.issubdtype(x.dtype, jnp.floating)]
   dtype = jnp.result_type(*strong) if strong else jnp.asarray(0.0).dtype
-  def cast(x):
-    x = jnp.asarray(x)
+  def cast(x):  # a Python int among meta-parameters is a number to learn (reg=2 means 2.0)
+    x = jnp.asarray(float(x) if isinstance(x, int) and not isinstance(x, bool) else x)
     weak_float = getattr(x, "weak_type", False) and jnp.issubdtype(x.dtype, jnp.floating)
     return x.astype(dtype if weak_float else x.dtype)
   meta_params = jax.tree.map(cast, meta_params)
@@ -158,6 +158,7 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
   """
   _common.check_callable("value_and_grad", value_and_grad)
   _common.check_callable("sample_tasks", sample_tasks)
+  _common.check_family("sample_tasks", sample_tasks)
   _check_optimizer(optimizer)
   _common.check_positive_int("meta_batch_size", meta_batch_size)
   _common.check_positive_int("iterations", iterations)
@@ -201,6 +202,10 @@ def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
     code = jnp.where(ok, RESULTS.successful, RESULTS.nonfinite)
     loss = error_if(
         loss, code, "metajax train step, outer stage (meta-loss and meta-gradient)",
+        messages={RESULTS.nonfinite: "a non-finite value (NaN or inf) appeared (check the tasks' "
+                                     "support and query data, the loss and the step sizes)"},
+        hint="(make_train_step(..., nonfinite='skip') skips such meta-iterations instead of "
+             "raising.)",
         meta_iteration=state.step, meta_loss=loss,
         meta_gradient_finite=jnp.isfinite(_common.tree_vdot(grads, grads)))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
@@ -224,7 +229,7 @@ class _TrainStep:
     self._micro_batches = micro_batches
     takes_iteration = getattr(value_and_grad, "takes_meta_iteration", False) is True
     self._batch, self._iterations, self._per_call = meta_batch_size, iterations, tasks_per_call
-    self._optimizer, self._checked_states = optimizer, set()
+    self._optimizer, self._checked_states, self._checked_data = optimizer, set(), set()
 
     def sample(state: TrainState, key, data):  # iteration i draws from fold_in(key, i)
       tasks = sample_tasks(jax.random.fold_in(key, state.step), meta_batch_size, *data)
@@ -348,6 +353,9 @@ class _TrainStep:
                                             or (key.shape == (2,) and key.dtype == jnp.uint32))):
       raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
     self._check_opt_state(state)
+    if len(data) not in self._checked_data:
+      _common.check_family("sample_tasks", self._sample_tasks, len(data))
+      self._checked_data.add(len(data))
     if self._mesh is not None:  # replicated on the mesh (a no-op once the step has placed it)
       state, key, data = _distribute.replicate((state, key, data), self._mesh)
     self._resolve(state, key, data)

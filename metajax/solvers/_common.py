@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -54,9 +55,13 @@ def params_dtype(params: PyTree, name: str = "params"):
       raise TypeError(f"{name}{jax.tree_util.keystr(path)} is a Python {type(x).__name__}; "
                       f"{name} leaves must be arrays (wrap it with jnp.asarray).")
   dtypes = [x.dtype for x in leaves]
-  bad = [str(d) for d in dtypes if not jnp.issubdtype(d, jnp.floating)]
+  bad = [f"{name}{jax.tree_util.keystr(path)} ({x.dtype})"
+         for path, x in jax.tree_util.tree_leaves_with_path(params)
+         if not jnp.issubdtype(x.dtype, jnp.floating)]
   if bad:
-    raise TypeError(f"{name} must hold floating-point arrays only; found dtypes {bad}.")
+    raise TypeError(f"{name} must hold floating-point arrays only; found {', '.join(bad[:3])}"
+                    f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (write 2.0, not 2, "
+                    "for a number).")
   return jnp.result_type(*dtypes)
 
 
@@ -77,9 +82,16 @@ def check_one_dtype(params, solver: str) -> None:
   if len(dtypes) > 1:
     raise TypeError(f"the {solver} solver needs params of one dtype, got {dtypes}; cast them "
                     "(e.g. jax.tree.map(lambda p: p.astype(jnp.float32), params)).")
-  if dtypes and dtypes[0] in ("bfloat16", "float16"):
-    raise TypeError(f"the {solver} solver needs float32 or float64 params, got {dtypes[0]}: "
-                    "its tolerances and line searches are not meaningful in half precision.")
+  if dtypes:
+    check_not_half(dtypes[0], solver,
+                   "its tolerances and line searches are not meaningful in half precision")
+
+
+def check_not_half(dtype, solver: str, why: str) -> None:
+  """Half-precision params (bfloat16, float16) are refused, saying ``why``."""
+  if str(dtype) in ("bfloat16", "float16"):
+    raise TypeError(f"the {solver} solver needs float32 or float64 params, got {dtype}: {why}; "
+                    "keep float32 params and cast inside loss_fn for mixed precision.")
 
 
 def default_tol(dtype, *, float64: float, float32: float) -> float:
@@ -90,6 +102,33 @@ def default_tol(dtype, *, float64: float, float32: float) -> float:
 def check_callable(name: str, value) -> None:
   if not callable(value):
     raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
+
+
+def check_family(name: str, family, num_data: int | None = None) -> None:
+  """``family(key, num_tasks, *data)`` must accept its arguments (``num_data`` data arrays;
+  None: any). A factory passed uncalled (``metajax.tasks.sinusoid``) is named here."""
+  try:
+    signature = inspect.signature(family)
+  except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+    return
+  try:
+    if num_data is None:
+      signature.bind_partial(None, None)
+    else:
+      signature.bind(None, None, *([None] * num_data))
+  except TypeError as err:
+    given = "" if num_data is None else f" with {num_data} data argument(s)"
+    raise TypeError(f"{name} is called as {name}(key, num_tasks, *data){given}, which its "
+                    f"signature {signature} does not accept ({err}). A task family is what a "
+                    "factory returns: metajax.tasks.sinusoid(), not metajax.tasks.sinusoid; the "
+                    "data arrays after the key are those the family samples from.") from None
+
+
+def check_not_solver(name: str, value, call: str) -> None:
+  """``value`` (a loss or metric) must not be an inner solver: ``call(adapt, loss_fn)`` swapped."""
+  if hasattr(value, "hyperparameters") and hasattr(value, "loss_fn"):
+    raise TypeError(f"{call}: {name} is an inner solver ({value!r}); the arguments look "
+                    f"swapped: pass the solver first, {call}(adapt, {name}).")
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

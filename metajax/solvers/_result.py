@@ -170,8 +170,11 @@ def _fmt(value) -> str:
   return f"{float(value):.4g}"
 
 
+THROW_HINT = "(throw=False returns the status in AdaptInfo.result instead of raising.)"
+
+
 def _format(header: str, codes, values: dict, context_values: dict,
-            messages: dict | None = None) -> str:
+            messages: dict | None = None, hint: str = THROW_HINT) -> str:
   codes = np.asarray(codes)
   failing = np.argwhere(codes != 0)
   first = tuple(failing[0]) if failing.size else ()
@@ -185,16 +188,17 @@ def _format(header: str, codes, values: dict, context_values: dict,
   ctx = [f"{name} {_fmt(np.ravel(np.asarray(v))[0])}" for name, v in context_values.items()]
   at = f" at {', '.join(ctx)}" if ctx else ""
   message = (messages or {}).get(code, code.message)
-  return (f"{header}{where}{at}: {message}. Reached: {', '.join(parts)}. "
-          "(throw=False returns the status in AdaptInfo.result instead of raising.)")
+  return f"{header}{where}{at}: {message}. Reached: {', '.join(parts)}. {hint}"
 
 
-def error_if(x, result, header: str, messages: dict | None = None, **values):
+def error_if(x, result, header: str, messages: dict | None = None, hint: str = THROW_HINT,
+             **values):
   """Returns ``x``; raises at run time where ``result`` (an int code, maybe batched) is not 0.
 
   ``header`` names the solver and stage, e.g. ``"metajax unrolled solver, inner stage"``;
   ``values`` (scalars per task) are reported at the first failing task; ``messages`` replaces
-  the text of some codes (a stage whose advice differs from the generic one). Works eagerly and
+  the text of some codes (a stage whose advice differs from the generic one); ``hint`` ends the
+  message (by default: how ``throw=False`` returns the status instead). Works eagerly and
   under ``jit``, ``vmap``, ``grad`` and ``jvp`` (``x``'s tangent passes through unchanged);
   nothing reaches the host unless something failed.
   """
@@ -202,7 +206,7 @@ def error_if(x, result, header: str, messages: dict | None = None, **values):
              for v in jax.tree.leaves((x, result, values, _context_values()))):
     if np.any(np.asarray(result) != 0):  # eager: a plain Python exception
       raise SolverError(_format(header, np.asarray(result), values, _context_values(),
-                                messages))
+                                messages, hint))
     return x
   result = jnp.asarray(result, jnp.int32)
   names, ctx_names = list(values), list(_context_values())  # dicts would be flattened sorted
@@ -217,7 +221,7 @@ def error_if(x, result, header: str, messages: dict | None = None, **values):
     def fail():
       def raise_error(result, values, context_values):
         raise SolverError(_format(header, result, dict(zip(names, values)),
-                                  dict(zip(ctx_names, context_values)), messages))
+                                  dict(zip(ctx_names, context_values)), messages, hint))
       out = jax.pure_callback(raise_error, jax.ShapeDtypeStruct(result.shape, result.dtype),
                               result, values, context_values, vmap_method="broadcast_all")
       return vary(out, varying_axes(result))  # inside shard_map: typed like the other branch

@@ -156,6 +156,8 @@ class Unrolled(InnerSolver):
 
   def _run(self, params, support, *, step_size=None, trajectory=False):
     dtype = _common.params_dtype(params)
+    _common.check_not_half(dtype, "unrolled", "a step smaller than half precision's resolution "
+                           "rounds away and leaves params unchanged, silently")
     rates = None
     if self.optimizer is None:
       if step_size is None:

@@ -115,6 +115,14 @@ class InnerSolver(abc.ABC):
       keys = f" (params has the keys {sorted(params)})" if isinstance(params, dict) else ""
       raise ValueError(f"{self.name} solver: loss_fn(params, support) failed on these params "
                        f"and support: {type(err).__name__}: {err}{keys}") from err
+    except Exception as err:  # flax's own (ScopeParamShapeError: inputs of another width)
+      if not type(err).__module__.startswith("flax."):
+        raise
+      shapes = jax.tree.map(lambda x: tuple(jnp.shape(x)), support)
+      raise ValueError(f"{self.name} solver: loss_fn(params, support) failed: the model does not "
+                       f"take this support (shapes {shapes}; inputs of another width or "
+                       f"channel count than the model was initialized for?): "
+                       f"{type(err).__name__}: {err}") from err
     if not hasattr(out, "shape") or out.shape != ():
       shape = getattr(out, "shape", type(out).__name__)
       raise ValueError(f"loss_fn(params, support) must return a scalar, got {shape}; reduce it "
