@@ -286,8 +286,8 @@ MODELS = [
                                       dtype="int32"), TypeError,
          r"dtype must be a floating-point dtype such as jnp\.float32, got int32"),
     Case("models", "apply_fn given one image without a batch axis", _apply_one_image,
-         ValueError, r"apply_fn takes a batch of NHWC images \(N, H, W, C\), got shape "
-                     r"\(8, 8, 1\); add a batch axis"),
+         ValueError, r"apply_fn takes a batch of NHWC images \(N, H, W, C\) of \(8, 8, 1\), "
+                     r"got shape \(8, 8, 1\); add a batch axis"),
     Case("models", "select_step with step == num_steps",
          lambda: _select(3), ValueError,
          r"step=3 is out of range for per-step batch norm with num_steps=3: it must be in "

@@ -96,6 +96,12 @@ def _train_with_data_the_family_does_not_take():
   return step(M.init_train_state(PARAMS, optax.adam(1e-3)), jax.random.key(0), jnp.ones(3))
 
 
+def _conv4_on_grayscale_without_channels():
+  params, apply_fn = metajax.models.init_model(metajax.models.Conv4(3, filters=4, blocks=2),
+                                               jax.random.key(0), (8, 8, 1))
+  return apply_fn(params, jnp.zeros((3, 8, 8)))
+
+
 CASES = [
     Case("meta", "meta_params holding a hyperparameter that learn= does not name",
          lambda: jax.grad(M.meta_objective(MAML, LOSS, learn=("step_size",)))(
@@ -220,4 +226,7 @@ CASES = [
          _flax_mlp_on_wider_inputs, ValueError,
          r"the model does not take this support \(shapes \(\(5,\), \(5, 1\)\).*"
          "ScopeParamShapeError"),
+    Case("models", "Conv4 apply_fn given grayscale images without the channel axis",
+         _conv4_on_grayscale_without_channels, ValueError,
+         r"got shape \(3, 8, 8\); add the channel axis with x\[\.\.\., None\]"),
 ]

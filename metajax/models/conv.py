@@ -306,8 +306,11 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
 
   def apply_fn(params, x, **kwargs):  # kwargs: e.g. Conv4's context=
     if getattr(x, "ndim", 4) != 4:
-      raise ValueError(f"apply_fn takes a batch of NHWC images (N, H, W, C), got shape "
-                       f"{tuple(x.shape)}; add a batch axis with x[None] for one image.")
+      shape = tuple(x.shape)
+      fix = ("add the channel axis with x[..., None]" if shape[1:] == input_shape[:2]
+             else "add a batch axis with x[None] for one image")
+      raise ValueError(f"apply_fn takes a batch of NHWC images (N, H, W, C) of {input_shape}, "
+                       f"got shape {shape}; {fix}.")
     return module.apply({"params": params}, x, **kwargs)
 
   apply_fn.module = module
