@@ -204,6 +204,24 @@ def test_cavia_context_and_meta_gradient_match_closed_form(solver):
   assert tree_rel(grads, grads_ref) <= RTOL[solver] * 10
 
 
+def test_cavia_takes_a_step_size_per_context_entry():
+  """Meta-SGD on the context: one step from zero is -step_size * grad, entry by entry, and the
+  per-entry rates are learnable (learn=('step_size',))."""
+  rng = np.random.default_rng(4)
+  net = {"w": jnp.asarray(rng.normal(size=(3 + 2, 1))), "b": jnp.asarray([0.2])}
+  support = (jnp.asarray(rng.normal(size=(10, 3))), jnp.asarray(rng.normal(size=(10, 1))))
+  rates = jnp.asarray([0.1, 0.7])
+  adapt = S.context(S.unrolled(CAVIA_LOSS, steps=1), 2)
+  grad_c = jax.grad(lambda c: CAVIA_LOSS({"params": net, "context": c}, support))(jnp.zeros(2))
+  np.testing.assert_allclose(adapt(net, support, step_size=rates)["context"], -rates * grad_c,
+                             rtol=1e-12)
+  tasks = metajax.tasks.Task(jax.tree.map(lambda a: a[None], support),
+                             jax.tree.map(lambda a: a[None], support))
+  objective = metajax.meta.meta_objective(adapt, CAVIA_LOSS, learn=("step_size",))
+  grads = jax.grad(objective)({"params": net, "step_size": rates}, tasks)
+  assert grads["step_size"].shape == (2,) and bool(jnp.all(grads["step_size"] != 0))
+
+
 def test_cavia_context_starts_at_zero_on_every_task_and_is_not_a_meta_parameter():
   net = {"w": jnp.ones((3, 1)), "b": jnp.zeros(1)}
   adapt = S.context(S.unrolled(CAVIA_LOSS, steps=1, step_size=0.0), 2)

@@ -244,6 +244,11 @@ class Context(_Wrapper):
         raise ValueError(f"context adapts only the context vector: {name} shaped like params "
                          "(per-parameter) does not apply; pass a scalar, or one shaped like the "
                          "context.")
+      if name != "loss_params" and isinstance(value, (jax.Array, np.ndarray)) and \
+          value.ndim and value.shape == self.shape:
+        # one per context entry (Meta-SGD on the context): the wrapped solver takes a
+        # per-parameter value for the full {'params', 'context'}; the params part is masked off
+        hyperparameters[name] = {"params": jax.tree.map(jnp.zeros_like, params), "context": value}
     return self._masked._solve(self.initial(params), support, **hyperparameters)
 
 
@@ -258,7 +263,9 @@ def context(solver: InnerSolver, shape: int | tuple[int, ...]) -> Context:
   through [`metajax.models.with_context`][metajax.models.with_context], which feeds the context to
   the network's input.
   ``theta`` receives its meta-gradient through the query loss and through ``c``. Reptile does not
-  apply (the adapted value has another structure than ``theta``).
+  apply (the adapted value has another structure than ``theta``). A call-time hyperparameter is
+  a scalar or, for ``unrolled``'s ``step_size``, an array of the context's shape: one rate per
+  context entry (Meta-SGD on the context, learnable with ``learn=('step_size',)``).
 
   Args:
     solver: any inner solver, built with a ``loss_fn`` on ``{'params': ..., 'context': ...}``.
