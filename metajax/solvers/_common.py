@@ -47,22 +47,20 @@ def is_traced(value) -> bool:
 
 def params_dtype(params: PyTree, name: str = "params"):
   """The floating dtype of a parameter pytree (the widest one present)."""
-  leaves = jax.tree.leaves(params)
+  leaves = jax.tree_util.tree_leaves_with_path(params)  # one traversal serves every check
   if not leaves:
     raise ValueError(f"{name} is an empty pytree: there is nothing to adapt.")
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
+  for path, x in leaves:
     if not hasattr(x, "dtype"):
       raise TypeError(f"{name}{jax.tree_util.keystr(path)} is a Python {type(x).__name__}; "
                       f"{name} leaves must be arrays (wrap it with jnp.asarray).")
-  dtypes = [x.dtype for x in leaves]
-  bad = [f"{name}{jax.tree_util.keystr(path)} ({x.dtype})"
-         for path, x in jax.tree_util.tree_leaves_with_path(params)
+  bad = [f"{name}{jax.tree_util.keystr(path)} ({x.dtype})" for path, x in leaves
          if not jnp.issubdtype(x.dtype, jnp.floating)]
   if bad:
     raise TypeError(f"{name} must hold floating-point arrays only; found {', '.join(bad[:3])}"
                     f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (write 2.0, not 2, "
                     "for a number).")
-  return jnp.result_type(*dtypes)
+  return jnp.result_type(*(x.dtype for _, x in leaves))
 
 
 def check_float_dtype(dtype, name: str = "dtype") -> None:
