@@ -197,3 +197,28 @@ def test_default_on_the_sinusoid_relu_mlp_is_stable_and_adapts_more_than_maml():
   meta_loss = lambda a: float(jax.jit(metajax.meta.meta_objective(a, loss))(params, tasks))
   maml = metajax.solvers.unrolled(loss, steps=5, step_size=0.01)
   assert meta_loss(adapt) < meta_loss(maml)
+
+
+def test_learned_reg_gradient_off_the_solution_is_imaml_s_form():
+  """After a fixed inner budget (10 GD steps, not converged) the reg-gradient is the implicit
+  function theorem on iMAML's condition grad L + reg (phi - theta) = 0 at the point reached:
+  d query / d reg = -grad_q(phi_K)^T (A + reg I)^-1 (phi_K - theta) (TorchOpt's implicit iMAML
+  gives the same). The form grad L / reg + phi - theta differentiates to -grad L / reg^2, equal
+  only at the solution: 200% off here at reg 0.5."""
+  problem = linreg.Problem()
+  reg, lr, steps = 0.5, 0.1, 10
+  adapt = metajax.solvers.implicit(
+      linreg.loss_fn, reg=1.0, optimizer=metajax.solvers.inner_optimizers.gd(lr),
+      max_steps=steps, tol=0.0,
+      linear_solver=metajax.solvers.linear_solvers.cg(maxiter=100, tol=1e-13))
+  query_loss = lambda r: linreg.loss_fn(adapt(problem.params, problem.support, reg=r),
+                                        problem.query)
+  got = float(jax.grad(query_loss)(jnp.asarray(reg)))
+  eye = np.eye(len(problem.theta))
+  phi = problem.theta.copy()
+  for _ in range(steps):  # gradient descent on L + reg/2 |phi - theta|^2
+    phi = phi - lr * (problem.A @ phi - problem.c + reg * (phi - problem.theta))
+  expected = -problem.query_grad(phi) @ np.linalg.solve(problem.A + reg * eye, phi - problem.theta)
+  assert got == pytest.approx(expected, rel=1e-10)
+  converged = problem.proximal(reg)
+  assert abs(expected - problem.query_grad(converged[0]) @ converged[2]) > 1e-3  # not converged

@@ -86,9 +86,19 @@ class Implicit(InnerSolver):
     return _common.as_scalar("reg", reg, _common.params_dtype(params))
 
   def _optimality(self, theta, support, reg):
-    """``F(phi) = grad L(phi) / reg + (phi - theta)``: zero at the solution, Jacobian I + H/reg."""
-    return lambda phi: _common.tree_axpy(1.0 / reg, self._grad(phi, support),
-                                         _common.tree_sub(phi, theta))
+    """``F(phi) = grad L(phi) / reg + (phi - theta)``: zero at the solution, Jacobian I + H/reg.
+
+    Written ``grad L / r + (phi - theta) * reg / r`` with ``r = stop_gradient(reg)`` (the same
+    values: ``reg / r`` is exactly 1), so that ``dF/dreg = (phi - theta) / reg``, the derivative
+    of iMAML's own condition ``grad L + reg (phi - theta)`` (TorchOpt's). At the solution it
+    equals ``-grad L / reg^2``; at a point an inexact solve reached, its error is the solve's
+    error ``e = phi - phi*`` instead of ``H e / reg``: a learned ``reg``'s gradient is closer
+    for ``reg`` below the curvature, where iMAML runs.
+    """
+    fixed = jax.lax.stop_gradient(reg)
+    return lambda phi: _common.tree_axpy(
+        1.0 / fixed, self._grad(phi, support),
+        jax.tree.map(lambda d: d * (reg / fixed).astype(d.dtype), _common.tree_sub(phi, theta)))
 
   def _linear_solve(self, damped, b):
     """Solves ``damped(x) = b`` (the operator with the solver's ridge added);
