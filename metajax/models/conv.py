@@ -100,7 +100,9 @@ class Conv4(nn.Module):
   Attributes:
     num_classes: ways of the task.
     filters: 64 (Omniglot) or 32 (miniImageNet).
-    strided: Omniglot variant: stride-2 convolutions instead of max-pooling.
+    strided: Omniglot variant: stride-2 convolutions instead of max-pooling, "SAME" padded as
+      in MAML's TensorFlow code (on an even side: 0 before, 1 after); learn2learn's
+      ``OmniglotCNN`` pads 1 on both sides, so the same weights give other outputs there.
     norm: batch-norm mode (see module docstring).
     num_steps: entries of per-step batch-norm parameters (``norm="per_step"``).
     blocks: number of conv blocks (4 in the paper; fewer for tiny images).
