@@ -115,9 +115,34 @@ def add_solver_flags(parser, *, inner_steps: int, inner_lr: float, solvers=SOLVE
 
 
 def check_solver_flags(parser, args) -> None:
-  """:func:`check_flags` for the flags of :func:`add_solver_flags`."""
+  """:func:`check_flags` for the flags of :func:`add_solver_flags`, and
+  :func:`refuse_unused_flags` for the solver-specific ones."""
   check_flags(parser, args, positive_int=("--inner-steps", "--cg-steps"),
               positive_float=("--inner-lr", "--reg", "--t1"), nonnegative_float=("--cg-ridge",))
+  refuse_unused_flags(parser, args, {"--reg": ("imaml",), "--cg-steps": ("imaml",),
+                                     "--cg-ridge": ("imaml",), "--t1": ("adjoint",)})
+
+
+def refuse_unused_flags(parser, args, used_by: dict[str, tuple[str, ...]]) -> None:
+  """``parser.error`` for a flag of ``used_by`` given a value other than its default when
+  ``--solver`` is not among the solvers that use it: it would be ignored without a word (and
+  still recorded with the run's flags).
+
+  Example:
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(prog="demo")
+    >>> _ = p.add_argument("--solver", default="maml")
+    >>> _ = p.add_argument("--reg", type=float, default=2.0)
+    >>> refuse_unused_flags(p, p.parse_args(["--reg", "5"]), {"--reg": ("imaml",)})
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+  """
+  for flag, solvers in used_by.items():
+    value, default = _flag_value(args, flag), parser.get_default(flag.lstrip("-").replace("-", "_"))
+    if args.solver not in solvers and value != default:
+      parser.error(f"{flag} {value} is used by --solver {' or '.join(solvers)} only; "
+                   f"--solver {args.solver} would ignore it.")
 
 
 # Cluster launchers (or a user) may set these instead of the flags (JAX reads the first itself).

@@ -56,6 +56,8 @@ def add_method_flags(parser, *, context_size: int) -> None:
 def check_method_flags(parser, args) -> None:
   common.check_flags(parser, args, positive_int=("--context-size",),
                      positive_float=("--context-lr", "--mlti"))
+  common.refuse_unused_flags(parser, args, {"--context-size": ("cavia",),
+                                            "--context-lr": ("cavia",)})
 
 
 def head_mask(params, *, invert: bool = False):

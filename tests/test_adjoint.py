@@ -234,3 +234,17 @@ def test_default_grid_does_not_flag_a_flow_whose_gradient_grows():
   phi, info = metajax.solvers.adjoint(loss, t1=11.0, steps=110, throw=False).solve(
       jnp.full(2, 1e-5), 1.0)
   assert bool(info.success) and float(info.loss) < 0.5 and float(jnp.abs(phi).min()) > 0.1
+
+
+@pytest.mark.parametrize("solver", [None, diffrax.Euler(), diffrax.Tsit5()])
+def test_dt0_alone_takes_constant_steps_as_in_diffrax(solver):
+  """dt0 alone used to switch on adaptive (PID) steps; as in diffrax it means constant steps.
+  On 0.5 |p - b|^2 from 0, Euler steps of dt0 are gradient descent: 1 - (1 - dt0)^(t1/dt0);
+  Tsit5 takes the same 10 constant steps, each 5th-order accurate (1 - exp(-1))."""
+  loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
+  adapt = metajax.solvers.adjoint(loss, t1=1.0, dt0=0.1,
+                                  **({} if solver is None else {"solver": solver}))
+  phi, info = adapt.solve(jnp.zeros(1), jnp.ones(1))
+  assert int(info.steps) == 10 and int(info.stats["num_rejected_steps"]) == 0
+  expected = 1 - np.exp(-1.0) if isinstance(solver, diffrax.Tsit5) else 1 - 0.9 ** 10
+  np.testing.assert_allclose(phi, [expected], rtol=1e-6)

@@ -189,3 +189,66 @@ def test_jit_of_the_solver_with_every_option():
     phi2 = jax.jit(lambda t, s, h, a=adapt, n=name: a(t, s, **{n: h}))(
         problem.params, problem.support, 0.5)
     assert jax.tree.structure(phi2) == jax.tree.structure(problem.params)
+
+
+def test_evaluator_takes_learned_step_sizes_as_arguments_and_compiles_once():
+  """A Meta-SGD step size read from a closure was frozen at the first compile (the program is
+  cached on the functions); with learn= it is an argument: new values, same program."""
+  traces = []
+  loss = metajax.meta.mse_loss(lambda p, x: p * x)
+  def metric(p, batch):
+    traces.append(1)
+    return loss(p, batch)
+  adapt = S.unrolled(loss, steps=1)
+  tasks = metajax.tasks.sinusoid()(jax.random.key(0), 6)
+  evaluate = metajax.meta.make_evaluator(adapt, metric, learn=("step_size",), chunk=3)
+  theta = jnp.full((1, 1), 0.5)
+  traced = []
+  for rate in (0.0, 0.3):
+    per_task = evaluate({"params": theta, "step_size": jnp.asarray(rate)}, tasks)
+    traced.append(len(traces))
+    for i in range(6):  # one gradient step of `rate`, by hand
+      support, query = jax.tree.map(lambda x: x[i], (tasks.support, tasks.query))
+      phi = theta - rate * jax.grad(loss)(theta, support)
+      np.testing.assert_allclose(per_task[i], loss(phi, query), rtol=1e-5)
+  assert traced[0] >= 1 and traced[1] == traced[0]  # the second value reused the program
+  mean, _ = metajax.meta.evaluate(adapt, loss, {"params": theta, "step_size": 0.3}, tasks,
+                                  learn=("step_size",))
+  assert mean == pytest.approx(float(per_task.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("solver,value", [
+    ("implicit", {"reg": -1.0}), ("implicit", {"reg": jnp.nan}),
+    ("adjoint", {"t1": -0.5}), ("adjoint", {"reg": -3.0})])
+def test_throw_false_out_of_range_traced_hyperparameter_gives_nan(solver, value):
+  """With throw=False an invalid traced reg or t1 was replaced by a harmless value: a finite
+  phi, a finite meta-loss and a zero gradient. phi is NaN now, as unrolled's is."""
+  loss = lambda p, b: 0.5 * jnp.sum((p - b) ** 2)
+  adapt = (S.implicit(loss, reg=1.0, throw=False) if solver == "implicit"
+           else S.adjoint(loss, t1=1.0, throw=False))
+  solve = jax.jit(lambda hyper: adapt.solve(jnp.zeros(2), jnp.ones(2), **hyper))
+  phi, info = solve(value)
+  assert bool(jnp.all(jnp.isnan(phi))) and int(info.result) == RESULTS.invalid_hyperparameter
+  phi, info = solve({name: 1.0 for name in value})
+  assert bool(jnp.all(jnp.isfinite(phi))) and int(info.result) == RESULTS.successful
+
+
+def test_wrappers_take_per_parameter_step_sizes_given_at_construction():
+  """masked(unrolled(step_size=<tree for the full params>)) refused the constructor's tree
+  (only a call-time one was masked); context(unrolled(step_size=<one per entry>)) refused the
+  array. Both now equal the same values passed at call time."""
+  params, apply_fn = metajax.models.make_mlp(jax.random.key(0), 1, (4, 1))
+  loss = metajax.meta.mse_loss(apply_fn)
+  support = (jnp.linspace(-1.0, 1.0, 5)[:, None], jnp.ones((5, 1)))
+  rates = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+  head = S.path_mask("Dense_1")
+  built = S.masked(S.unrolled(loss, steps=1, step_size=rates), head)(params, support)
+  called = S.masked(S.unrolled(loss, steps=1), head)(params, support, step_size=rates)
+  jax.tree.map(np.testing.assert_array_equal, built, called)
+  context_loss = metajax.meta.mse_loss(metajax.models.with_context(lambda w, x: x @ w))
+  entries = jnp.array([0.5, 0.1])
+  support = (jnp.ones((4, 1)), jnp.full((4, 1), 3.0))
+  built = S.context(S.unrolled(context_loss, steps=1, step_size=entries), 2)(jnp.ones((3, 1)),
+                                                                             support)
+  # one step from a zero context: -rates * d/dc mean((1 + c0 + c1 - 3)^2) = rates * 4
+  np.testing.assert_allclose(built["context"], 4.0 * entries, rtol=1e-6)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from metajax.meta.objectives import TASK_BATCHING, _task_batching, check_not_learned, check_tasks
+from metajax.meta.objectives import (
+  TASK_BATCHING,
+  _learned,
+  _split,
+  _task_batching,
+  check_not_learned,
+  check_tasks,
+  query_error,
+)
 from metajax.solvers import _common, _loops
 from metajax.tasks import Task
 
@@ -44,18 +52,25 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
 @functools.lru_cache(maxsize=64)
 def _program(adapt: Callable, metric_fn: Callable, mode: str):
   @jax.jit
-  def run(params, batch):
-    return _loops.map_tasks(lambda t: metric_fn(adapt(params, t.support), t.query), batch, mode)
+  def run(params, hyper, batch):
+    return _loops.map_tasks(lambda t: metric_fn(adapt(params, t.support, **hyper), t.query),
+                            batch, mode)
   return run
 
 
-def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
+def make_evaluator(adapt: Callable, metric_fn: Callable, *,
+                   learn: Sequence[str] | Mapping[str, str] = (), chunk: int = 25,
                    task_batching: str = "auto"):
-  """``evaluate(params, tasks) -> per-task metrics``, compiled once for these functions.
+  """``evaluate(meta_params, tasks) -> per-task metrics``, compiled once for these functions.
 
   Calling it again (or [`evaluate_per_task`][metajax.meta.evaluate_per_task] with the same ``adapt``
   and ``metric_fn``)
-  reuses the compiled program: evaluation during training costs no recompilation.
+  reuses the compiled program: evaluation during training costs no recompilation. The program
+  is cached on the function objects, as ``jax.jit`` caches: a value ``adapt`` or ``metric_fn``
+  reads from outside (a global, a closed-over variable) is fixed when it is first compiled.
+  Learned hyperparameters therefore enter as arguments, with ``learn=`` as in
+  [`meta_objective`][metajax.meta.meta_objective]: ``meta_params = {'params': theta,
+  'step_size': ...}``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, metajax
@@ -69,18 +84,29 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
   _common.check_callable("metric_fn", metric_fn)
   _common.check_not_solver("metric_fn", metric_fn, "make_evaluator")
   _common.check_positive_int("chunk", chunk)
+  learned = _learned(adapt, learn)
   if task_batching not in TASK_BATCHING:
     raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}.")
 
-  def evaluate(params, tasks: Task):
+  def evaluate(meta_params, tasks: Task):
     n = check_tasks(tasks)
-    check_not_learned(params, adapt, "params", "evaluation adapts with the solver's own "
-                      "hyperparameters: pass meta_params['params'], with the learned values "
-                      "bound in adapt (lambda p, s: adapt(p, s, step_size=...))")
+    if learned:
+      params, hyper = _split(meta_params, learned, adapt)
+    else:
+      check_not_learned(meta_params, adapt, "meta_params", "pass learn=(...) naming the learned "
+                        "hyperparameters, as to meta_objective, or meta_params['params'] alone "
+                        "to adapt with the solver's own values")
+      params, hyper = meta_params, {}
     mode = _task_batching(task_batching, metric_fn, params, tasks, adapt)
     run = _program(adapt, metric_fn, mode)
     parts = []
-    out = jax.eval_shape(run, params, jax.tree.map(lambda x: x[:1], tasks))
+    try:
+      out = jax.eval_shape(run, params, hyper, jax.tree.map(lambda x: x[:1], tasks))
+    except Exception as err:
+      wrapped = query_error(err, "metric_fn(adapted params, query)", tasks)
+      if wrapped is None:
+        raise
+      raise wrapped from err
     if jnp.shape(out) != (1,):
       raise ValueError(f"metric_fn(adapted_params, query) must return a scalar per task, got "
                        f"shape {jnp.shape(out)[1:]}.")
@@ -90,15 +116,19 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *, chunk: int = 25,
       if size < chunk:  # pad the last chunk to reuse the compiled function
         batch = jax.tree.map(
             lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], chunk - size, 0)]), batch)
-      parts.append(run(params, batch)[:size])
+      parts.append(run(params, hyper, batch)[:size])
     return jnp.concatenate(parts)
 
   return evaluate
 
 
-def evaluate_per_task(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
-                      chunk: int = 25, task_batching: str = "auto"):
+def evaluate_per_task(adapt: Callable, metric_fn: Callable, meta_params, tasks: Task, *,
+                      learn: Sequence[str] | Mapping[str, str] = (), chunk: int = 25,
+                      task_batching: str = "auto"):
   """``metric_fn(adapt(params, support), query)`` for every task, ``chunk`` tasks per jitted call.
+
+  ``learn`` names learned hyperparameters in ``meta_params``, as for
+  [`make_evaluator`][metajax.meta.make_evaluator].
 
   Examples:
     >>> import jax, jax.numpy as jnp, metajax
@@ -108,13 +138,17 @@ def evaluate_per_task(adapt: Callable, metric_fn: Callable, params, tasks: Task,
     >>> metajax.meta.evaluate_per_task(adapt, loss, jnp.ones((1, 1)), tasks, chunk=4).shape
     (8,)
   """
-  return make_evaluator(adapt, metric_fn, chunk=chunk, task_batching=task_batching)(params, tasks)
+  return make_evaluator(adapt, metric_fn, learn=learn, chunk=chunk,
+                        task_batching=task_batching)(meta_params, tasks)
 
 
-def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
-             level: float = 0.95, chunk: int = 25,
-             task_batching: str = "auto") -> tuple[float, float]:
+def evaluate(adapt: Callable, metric_fn: Callable, meta_params, tasks: Task, *,
+             learn: Sequence[str] | Mapping[str, str] = (), level: float = 0.95,
+             chunk: int = 25, task_batching: str = "auto") -> tuple[float, float]:
   """Mean and confidence half-width over tasks of ``metric_fn(adapt(params, support), query)``.
+
+  ``learn`` names learned hyperparameters in ``meta_params``, as for
+  [`make_evaluator`][metajax.meta.make_evaluator].
 
   Examples:
     >>> import jax, jax.numpy as jnp, metajax
@@ -126,6 +160,6 @@ def evaluate(adapt: Callable, metric_fn: Callable, params, tasks: Task, *,
   if check_tasks(tasks) < 2:
     raise ValueError("evaluate needs at least 2 tasks for a confidence interval, got 1; use "
                      "evaluate_per_task for one task.")
-  per_task = evaluate_per_task(adapt, metric_fn, params, tasks, chunk=chunk,
+  per_task = evaluate_per_task(adapt, metric_fn, meta_params, tasks, learn=learn, chunk=chunk,
                                task_batching=task_batching)
   return confidence_interval(per_task, level)

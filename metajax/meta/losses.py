@@ -80,6 +80,8 @@ def cross_entropy_loss(apply_fn: Callable) -> Callable:
 def accuracy(apply_fn: Callable) -> Callable:
   """``metric(params, (x, labels))`` = fraction of argmax predictions equal to the labels.
 
+  NaN when any logit is NaN or infinite (a diverged adaptation), never a chance-level score.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from metajax.meta import accuracy
@@ -90,6 +92,9 @@ def accuracy(apply_fn: Callable) -> Callable:
     x, labels = _pair("accuracy", batch)
     logits = apply_fn(params, x)
     logits = _check_labels("accuracy", logits, labels)
-    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    correct = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    # argmax of a NaN row is 0: a diverged model would score chance, not fail. NaN instead
+    # (evaluate's confidence interval then refuses it, as it does a NaN loss).
+    return jnp.where(jnp.all(jnp.isfinite(logits)), correct, jnp.nan)
   return metric
 

@@ -19,7 +19,6 @@ import numpy as np
 from metajax.meta.objectives import task_mean
 from metajax.solvers import _common
 from metajax.solvers._unrolled import Unrolled
-from metajax.solvers.wrappers import _takes_positional
 
 
 def _check_unrolled(adapt, what: str) -> Unrolled:
@@ -61,7 +60,7 @@ def multi_step_objective(adapt: Unrolled, loss_fn: Callable, *,
   """
   adapt = _check_unrolled(adapt, "multi_step_objective")
   _common.check_callable("loss_fn", loss_fn)
-  if adapt.step_aware and not _takes_positional(loss_fn, 3):
+  if adapt.step_aware and not _common.takes_positional(loss_fn, 3):
     raise TypeError("with a step_aware solver, multi_step_objective evaluates the query after "
                     "step k as loss_fn(phi_k, query, k) (MAML++'s per-step batch norm); this "
                     "loss_fn takes fewer arguments: pass the solver's step-aware loss.")

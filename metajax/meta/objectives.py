@@ -68,6 +68,11 @@ def _split(meta_params, learned: dict, adapt: Callable):
   missing = [name for name in learned if name not in meta_params]
   if missing:
     raise ValueError(f"meta_params lacks the learned hyperparameters {missing}.")
+  unset = [name for name in learned if meta_params[name] is None]
+  if unset:  # None has no leaves: nothing would be learned, the solver's own value used
+    raise ValueError(", ".join(f"meta_params[{name!r}]" for name in unset) + " is None, but "
+                     "learn= names it: give each learned hyperparameter its initial value (a "
+                     "float or an array); None would learn nothing.")
   extra = sorted(set(meta_params) - {"params"} - set(learned))
   if extra:
     raise ValueError(f"meta_params has {extra} beside 'params' and the learned {list(learned)}: "
@@ -211,9 +216,21 @@ def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn,
     def mean_loss(params, hyper, tasks, args):
       return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
                                        mode))
-    return in_auto_axes(mean_loss, tasks)(params, hyper, tasks, args)
+    try:
+      return in_auto_axes(mean_loss, tasks)(params, hyper, tasks, args)
+    except Exception as err:  # the support's are wrapped by the solver: this is the query's
+      wrapped = query_error(err, "loss_fn(adapted params, query)", tasks)
+      if wrapped is None:
+        raise
+      raise wrapped from err
 
   return objective
+
+
+def query_error(err: Exception, call: str, tasks: Task) -> ValueError | None:
+  """flax's input-shape error reworded to name the query's shapes (the solvers word the
+  support's); ``None`` for any other error."""
+  return _common.model_input_error(err, call, query=tasks.query, support=tasks.support)
 
 
 def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching: str = "auto"):

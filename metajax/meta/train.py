@@ -190,6 +190,14 @@ def make_train_step(value_and_grad: Callable, optimizer: optax.GradientTransform
                     tasks_per_call, nonfinite, mesh, shard_map, micro_batches)
 
 
+NONFINITE_MESSAGE = (
+    "a non-finite value (NaN or inf) appeared (check the tasks' support and query data, the loss "
+    "and the step sizes; a finite meta_loss with meta_gradient_finite=False is a derivative "
+    "that is infinite where the loss is not: an inner optax.adam (eps_root=0) differentiated "
+    "where a gradient is exactly 0, e.g. a dead ReLU unit, does this, and "
+    "metajax.solvers.differentiable_adam does not)")
+
+
 def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
   """The optax update, with the non-finite policy applied to the loss and the meta-gradient.
 
@@ -202,8 +210,7 @@ def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
     code = jnp.where(ok, RESULTS.successful, RESULTS.nonfinite)
     loss = error_if(
         loss, code, "metajax train step, outer stage (meta-loss and meta-gradient)",
-        messages={RESULTS.nonfinite: "a non-finite value (NaN or inf) appeared (check the tasks' "
-                                     "support and query data, the loss and the step sizes)"},
+        messages={RESULTS.nonfinite: NONFINITE_MESSAGE},
         hint="(make_train_step(..., nonfinite='skip') skips such meta-iterations instead of "
              "raising.)",
         meta_iteration=state.step, meta_loss=loss,

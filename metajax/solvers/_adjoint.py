@@ -18,7 +18,12 @@ from metajax.solvers.base import InnerSolver
 PyTree = Any
 ADJOINT_CHOICES = ("checkpoint", "backsolve")
 DEFAULT_MAX_STEPS = 4096  # the cap of adaptive (or call-time t1) solves
-DEFAULT_STEPS = 10  # the default fixed grid: this many equal Euler steps over [0, t1]
+class _DefaultSteps(int):
+  """The default ``steps``: an ``int`` (10) that an explicit ``steps=10`` is not (``is``)."""
+
+
+# the default fixed grid: this many equal Euler steps over [0, t1]
+DEFAULT_STEPS = _DefaultSteps(10)
 # Solves capped at this many steps store every step for the backward pass instead of
 # recomputing from recursive checkpoints: Euler, 10 steps, sinusoid MLP, 25 tasks (2-core
 # CPU): 4.4 -> 2.8 ms per meta-gradient, compile 2.9 -> 2.0 s; memory 16 states at most.
@@ -104,7 +109,7 @@ class Adjoint(InnerSolver):
     chosen = [name for name, value in (("stepsize_controller", stepsize_controller),
                                        ("rtol", rtol), ("atol", atol), ("dt0", dt0))
               if value is not None]
-    if self.steps not in (None, DEFAULT_STEPS) and chosen:
+    if self.steps is not None and steps is not DEFAULT_STEPS and chosen:
       verb = "chooses" if len(chosen) == 1 else "choose"
       raise ValueError(f"steps={self.steps} sets the default fixed grid, but {', '.join(chosen)} "
                        f"{verb} the steps instead; pass one or the other.")
@@ -114,8 +119,13 @@ class Adjoint(InnerSolver):
       raise ValueError(f"max_steps={self.max_steps} is below steps={self.steps}: the fixed grid "
                        "takes exactly steps steps; lower steps, or pass steps=None to cap an "
                        "adaptive solve.")
+    # dt0 alone: constant steps of dt0, as diffrax's default controller takes them (an adaptive
+    # solve is asked for with rtol/atol, a controller, or steps=None).
+    dt0_steps = chosen == ["dt0"] and self.steps is not None
+    if dt0_steps:
+      stepsize_controller = diffrax.ConstantStepSize()
     if solver is None:
-      solver = diffrax.Euler() if self.grid else diffrax.Tsit5()
+      solver = diffrax.Euler() if self.grid or dt0_steps else diffrax.Tsit5()
     self.solver = solver
     if not isinstance(self.solver, diffrax.AbstractSolver):
       raise TypeError(f"solver must be a diffrax solver (e.g. diffrax.Tsit5()), got {solver!r}.")
@@ -245,6 +255,14 @@ class Adjoint(InnerSolver):
           saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, adjoint=method,
           max_steps=cap, throw=False)
     except (TypeError, RuntimeError) as err:
+      if "does not provide error estimates" in str(err):
+        raise ValueError(
+            f"metajax adjoint solver: solver={type(self.solver).__name__}() has no error "
+            "estimate, so it cannot take the adaptive steps that "
+            + ("rtol/atol or steps=None ask for" if self.stepsize_controller is None
+               else f"stepsize_controller={type(self.stepsize_controller).__name__} takes")
+            + ": give it constant steps (dt0= alone, or the default grid steps=), or use a "
+            "solver with an error estimate (diffrax.Tsit5(), diffrax.Heun()).") from err
       if any(k in str(err) for k in ("forward-mode", "jvp", "Unexpected tangent")):
         raise TypeError(
             f"metajax adjoint solver: adjoint={self.adjoint!r} supports reverse mode only "
@@ -351,9 +369,13 @@ def adjoint(
       checked: a 100-fold rise of ``L + reg/2 |phi - theta|^2``, which the flow only
       decreases, is ``diverged``; it, or a NaN, raises naming the grid. ``max_steps`` below
       ``steps`` is refused.
-    solver: a diffrax solver; default ``diffrax.Euler()`` on the default grid, else
-      ``diffrax.Tsit5()``.
-    dt0: initial (or, with ``diffrax.ConstantStepSize``, fixed) step, in real time.
+    solver: a diffrax solver; default ``diffrax.Euler()`` on the default grid and with
+      ``dt0`` alone, else ``diffrax.Tsit5()``. A solver without an error estimate (Euler)
+      cannot take adaptive steps: give it ``dt0`` (or the default grid), not ``rtol``/``atol``.
+    dt0: the step, in real time. Alone (no ``stepsize_controller``, ``rtol`` or ``atol``) it
+      means constant steps of ``dt0``, as in diffrax (``t1 / dt0`` of them; a call-time ``t1``
+      keeps the step, not the count); with an adaptive controller, its first step. Not together
+      with an explicit ``steps``.
     stepsize_controller: default: the fixed grid of ``steps``; with ``steps=None``, ``rtol``
       or ``atol``, ``diffrax.PIDController(rtol, atol)``. Its times
       (``dtmin``, ``dtmax``, ``StepTo.ts``, ``ClipStepSizeController``'s ``step_ts`` and

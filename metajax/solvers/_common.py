@@ -122,11 +122,35 @@ def check_family(name: str, family, num_data: int | None = None) -> None:
                     "data arrays after the key are those the family samples from.") from None
 
 
+def takes_positional(fn, n: int) -> bool:
+  """Whether ``fn`` accepts ``n`` positional arguments (True when it cannot be inspected)."""
+  try:
+    inspect.signature(fn).bind(*range(n))
+  except TypeError:
+    return False
+  except ValueError:  # no signature (some builtins, C callables)
+    return True
+  return True
+
+
 def check_not_solver(name: str, value, call: str) -> None:
   """``value`` (a loss or metric) must not be an inner solver: ``call(adapt, loss_fn)`` swapped."""
   if hasattr(value, "hyperparameters") and hasattr(value, "loss_fn"):
     raise TypeError(f"{call}: {name} is an inner solver ({value!r}); the arguments look "
                     f"swapped: pass the solver first, {call}(adapt, {name}).")
+
+
+def model_input_error(err: Exception, call: str, **data) -> ValueError | None:
+  """``err`` as a ValueError naming ``call`` and the shapes of ``data``, when it is flax's own
+  (ScopeParamShapeError: inputs of another width or channel count than the model was built
+  for); ``None`` for any other error."""
+  if not type(err).__module__.startswith("flax."):
+    return None
+  shapes = "; ".join(f"{name} shapes {jax.tree.map(lambda x: tuple(jnp.shape(x)), value)}"
+                     for name, value in data.items())
+  return ValueError(f"{call} failed: the model does not take this data ({shapes}; inputs of "
+                    f"another width or channel count than the model was initialized for?): "
+                    f"{type(err).__name__}: {err}")
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

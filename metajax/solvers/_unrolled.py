@@ -109,6 +109,10 @@ class Unrolled(InnerSolver):
         _per_step_array(self.step_size, self.steps)
     self.optimizer, self.first_order, self.remat = optimizer, first_order, remat
     self.unroll, self.step_aware = unroll, step_aware
+    if step_aware and not _common.takes_positional(loss_fn, 3):
+      raise TypeError("step_aware=True calls loss_fn(params, batch, step) with the inner step's "
+                      "index, but this loss_fn takes fewer positional arguments: give it a step "
+                      "argument, or drop step_aware.")
     self.hyperparameters = () if optimizer is not None else ("step_size",)
 
   def _bind_loss(self):

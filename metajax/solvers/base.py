@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax.solvers import _common, _vma
-from metajax.solvers._result import AdaptInfo, nondifferentiable
+from metajax.solvers._result import RESULTS, AdaptInfo, nondifferentiable
 
 PyTree = Any
 
@@ -30,7 +30,8 @@ class InnerSolver(abc.ABC):
       traced values (learned loss weights, per-task values under ``vmap``): every solver
       differentiates through them.
     throw: raise at run time when the solve fails (the default); with ``throw=False``
-      ``solve`` reports the failure in ``AdaptInfo.result`` instead.
+      ``solve`` reports the failure in ``AdaptInfo.result`` instead, and a traced
+      hyperparameter out of range (``invalid_hyperparameter``) makes ``phi`` NaN.
     hyperparameters: names of the float hyperparameters that may be passed at call time
       (possibly traced, then they receive gradients), e.g. ``("step_size",)``.
   """
@@ -85,6 +86,12 @@ class InnerSolver(abc.ABC):
     # Inside shard_map, the inner loop adapts to this device's tasks only (see vary_like).
     params = _vma.vary_like(params, support, hyperparameters)
     phi, info = self._solve(params, support, **hyperparameters)
+    if not self.throw:
+      # An out-of-range traced hyperparameter (a learned reg or t1 gone negative) is solved with
+      # a stand-in value to keep the solve defined; its phi must not pass for an answer: NaN,
+      # as unrolled gives, so a loss after it is NaN (nonfinite='skip' skips it).
+      invalid = info.result == RESULTS.invalid_hyperparameter
+      phi = jax.tree.map(lambda x: jnp.where(invalid, jnp.asarray(jnp.nan, x.dtype), x), phi)
     return phi, nondifferentiable(info)
 
   @abc.abstractmethod
@@ -116,13 +123,11 @@ class InnerSolver(abc.ABC):
       raise ValueError(f"{self.name} solver: loss_fn(params, support) failed on these params "
                        f"and support: {type(err).__name__}: {err}{keys}") from err
     except Exception as err:  # flax's own (ScopeParamShapeError: inputs of another width)
-      if not type(err).__module__.startswith("flax."):
+      wrapped = _common.model_input_error(err, f"{self.name} solver: loss_fn(params, support)",
+                                          support=support)
+      if wrapped is None:
         raise
-      shapes = jax.tree.map(lambda x: tuple(jnp.shape(x)), support)
-      raise ValueError(f"{self.name} solver: loss_fn(params, support) failed: the model does not "
-                       f"take this support (shapes {shapes}; inputs of another width or "
-                       f"channel count than the model was initialized for?): "
-                       f"{type(err).__name__}: {err}") from err
+      raise wrapped from err
     if not hasattr(out, "shape") or out.shape != ():
       shape = getattr(out, "shape", type(out).__name__)
       raise ValueError(f"loss_fn(params, support) must return a scalar, got {shape}; reduce it "

@@ -17,7 +17,6 @@ through such closures.
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, Callable
 
@@ -69,7 +68,8 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
 
   Returns:
     ``mask(params) -> pytree of bools``; it raises ``ValueError`` listing the paths when no
-    leaf (or, with ``invert``, every leaf) matches.
+    leaf matches the pattern (with or without ``invert``: a misspelt pattern inverted would
+    select everything) or, with ``invert``, every leaf does.
 
   Examples:
     >>> import jax.numpy as jnp, metajax
@@ -92,7 +92,12 @@ def path_mask(pattern: str, *, invert: bool = False) -> Callable[[PyTree], PyTre
 
   def mask(params):
     names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    hits = [matches(n) != invert for n in names]
+    matched = [matches(n) for n in names]
+    if invert and not any(matched):  # a typo would select every leaf (BOIL becomes MAML)
+      raise ValueError(f"path_mask({pattern!r}, invert=True): the pattern matches no parameter "
+                       f"path, so inverting it would select every parameter; the parameter "
+                       f"paths are {names}.")
+    hits = [m != invert for m in matched]
     if not any(hits):
       raise ValueError(f"path_mask({pattern!r}{', invert=True' if invert else ''}) selects no "
                        f"parameter; the parameter paths are {names}.")
@@ -164,6 +169,11 @@ class Masked(_Wrapper):
     mask = self.resolve_mask(params)
     adapted, merge = self.split(params, mask)
     structure = jax.tree.structure(params)
+    for name in self.solver.hyperparameters:  # a per-parameter value given at construction
+      own = getattr(self.solver, name, None)
+      if name not in hyperparameters and own is not None and structure.num_leaves > 1 \
+          and jax.tree.structure(own) == structure:
+        hyperparameters[name] = own
     hyperparameters = {name: self._hyperparameter(name, value, mask, structure)
                        for name, value in hyperparameters.items()}
     inner = self.solver.with_loss(lambda sub, batch, *step: self.loss_fn(merge(sub), batch,
@@ -216,6 +226,9 @@ class Context(_Wrapper):
 
   def __init__(self, solver, shape):
     super().__init__(solver, "context")
+    if isinstance(solver, Context):
+      raise TypeError("context cannot wrap context(...): the model takes one context; give "
+                      "context(solver, shape) the shape of the whole context instead.")
     is_int = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
     if is_int(shape):
       shape = (shape,)
@@ -237,18 +250,27 @@ class Context(_Wrapper):
     self._masked._check_inputs(self.initial(params), support)
 
   def _solve(self, params, support, **hyperparameters):
+    for name in self.solver.hyperparameters:  # one rate per context entry, given at construction
+      own = getattr(self.solver, name, None)
+      if name not in hyperparameters and isinstance(own, (jax.Array, np.ndarray)) and own.ndim:
+        hyperparameters[name] = own
     for name, value in hyperparameters.items():
-      leaves = jax.tree.leaves(value)
-      if name != "loss_params" and any(jnp.ndim(x) for x in leaves) and \
-          jax.tree.structure(value) == jax.tree.structure(params):
-        raise ValueError(f"context adapts only the context vector: {name} shaped like params "
-                         "(per-parameter) does not apply; pass a scalar, or one shaped like the "
-                         "context.")
-      if name != "loss_params" and isinstance(value, (jax.Array, np.ndarray)) and \
-          value.ndim and value.shape == self.shape:
+      if name == "loss_params" or not any(jnp.ndim(x) for x in jax.tree.leaves(value)):
+        continue
+      if isinstance(value, (jax.Array, np.ndarray)) and value.shape == self.shape:
         # one per context entry (Meta-SGD on the context): the wrapped solver takes a
         # per-parameter value for the full {'params', 'context'}; the params part is masked off
         hyperparameters[name] = {"params": jax.tree.map(jnp.zeros_like, params), "context": value}
+      elif jax.tree.structure(value) == jax.tree.structure(params) and all(
+          jnp.shape(v) == jnp.shape(p) for v, p in zip(jax.tree.leaves(value),
+                                                       jax.tree.leaves(params))):
+        raise ValueError(f"context adapts only the context vector: {name} shaped like params "
+                         f"(per-parameter) does not apply; pass a scalar, or an array of the "
+                         f"context's shape {self.shape} (one per entry).")
+      else:
+        shapes = jax.tree.map(jnp.shape, value)
+        raise ValueError(f"context: {name} must be a scalar or an array of the context's shape "
+                         f"{self.shape} (one per entry), got shape {shapes}.")
     return self._masked._solve(self.initial(params), support, **hyperparameters)
 
 
@@ -293,7 +315,7 @@ class LearnedLoss(_Wrapper):
     super().__init__(solver, "learned_loss")
     self.hyperparameters = tuple(solver.hyperparameters) + ("loss_params",)
     extra = 2 if getattr(solver, "step_aware", False) else 1
-    if not _takes_positional(solver.loss_fn, 2 + extra):
+    if not _common.takes_positional(solver.loss_fn, 2 + extra):
       raise TypeError("learned_loss calls loss_fn(params, batch, loss_params"
                       + (", step" if extra == 2 else "") + "), but the solver's loss_fn does "
                       "not take that many arguments; build the solver with such a loss.")
@@ -309,17 +331,6 @@ class LearnedLoss(_Wrapper):
     inner = self.solver.with_loss(
         lambda p, batch, *step: self.loss_fn(p, batch, loss_params, *step))
     return inner.solve(params, support, **hyperparameters)
-
-
-def _takes_positional(fn, n: int) -> bool:
-  """Whether ``fn`` accepts ``n`` positional arguments (True when it cannot be inspected)."""
-  try:
-    inspect.signature(fn).bind(*range(n))
-  except TypeError:
-    return False
-  except ValueError:  # no signature (some builtins, C callables)
-    return True
-  return True
 
 
 def learned_loss(solver: InnerSolver) -> LearnedLoss:
