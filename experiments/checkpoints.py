@@ -70,7 +70,11 @@ def check_run(directory, args, *, resuming: bool, run_flags=RUN_FLAGS, write: bo
   they must be unchanged. ``write=False`` (processes other than 0) only checks."""
   path = os.path.join(directory, "run.json")
   run = {name: getattr(args, name, None) for name in run_flags}
-  if resuming and os.path.exists(path):
+  if resuming and not os.path.exists(path):
+    raise CheckpointError(f"{directory} holds checkpoints but not run.json, the record of the "
+                          "flags that define the run: this rerun cannot be checked to be the same "
+                          f"run; {_fresh(directory)}.")
+  if resuming:
     try:
       with open(path, encoding="utf-8") as f:
         saved = json.load(f)
@@ -78,6 +82,10 @@ def check_run(directory, args, *, resuming: bool, run_flags=RUN_FLAGS, write: bo
         raise ValueError(f"a JSON {type(saved).__name__}, not an object")
     except (OSError, ValueError) as err:
       raise CheckpointError(f"{path} is unreadable ({err}); {_fresh(directory)}.") from err
+    if not set(saved) & set(run_flags):
+      raise CheckpointError(f"{path} records none of the flags that define the run "
+                            f"({', '.join(run_flags)}): this rerun cannot be checked to be the "
+                            f"same run; {_fresh(directory)}.")
     changed = [f"--{name.replace('_', '-')} {run[name]} (checkpoints: {saved[name]})"
                for name in run_flags if name in saved and saved[name] != run[name]]
     if changed:

@@ -141,8 +141,9 @@ def refuse_unused_flags(parser, args, used_by: dict[str, tuple[str, ...]]) -> No
   for flag, solvers in used_by.items():
     value, default = _flag_value(args, flag), parser.get_default(flag.lstrip("-").replace("-", "_"))
     if args.solver not in solvers and value != default:
-      parser.error(f"{flag} {value} is used by --solver {' or '.join(solvers)} only; "
-                   f"--solver {args.solver} would ignore it.")
+      users = (f"is used by --solver {' or '.join(solvers)} only" if len(solvers) <= 3
+               else f"is not used by --solver {args.solver}")
+      parser.error(f"{flag} {value} {users}; --solver {args.solver} would ignore it.")
 
 
 # Cluster launchers (or a user) may set these instead of the flags (JAX reads the first itself).

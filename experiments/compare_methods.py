@@ -77,22 +77,34 @@ def _run(script, flags: list[str], out: str) -> dict:
     return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
 
 
+def _without(flags: tuple[str, ...], flag: str) -> tuple[str, ...]:
+  """``flags`` without ``flag`` and its value (CAVIA adapts with --context-lr, not --inner-lr)."""
+  at = flags.index(flag)
+  return flags[:at] + flags[at + 2:]
+
+
+def run_flags(solver: str, mlti, args, shots: int | None = None) -> list[str]:
+  """The flags of one run: sinusoid.py's when ``shots`` is None, else fewshot.py's."""
+  flags = ["--solver", solver, "--seed", str(args.seed), "--eval-tasks", str(args.eval_tasks)]
+  flags += ["--mlti", str(mlti)] if mlti is not None else []
+  if shots is not None:
+    return [*flags, "--shots", str(shots), "--iterations", str(args.digits_iterations)]
+  sinusoid_flags = (SINUSOID_FLAGS if solver != "cavia"
+                    else _without(SINUSOID_FLAGS, "--inner-lr"))
+  return [*flags, *sinusoid_flags, "--iterations", str(args.sinusoid_iterations)]
+
+
 def run_all(args) -> list[dict]:
   records = []
   for solver, mlti in ROWS:
-    extra = ["--mlti", str(mlti)] if mlti is not None else []
     name = solver + ("-mlti" if mlti is not None else "")
-    common_flags = ["--solver", solver, "--seed", str(args.seed),
-                    "--eval-tasks", str(args.eval_tasks), *extra]
     if args.only in (None, "sinusoid"):
-      result = _run(sinusoid, [*common_flags, *SINUSOID_FLAGS,
-                               "--iterations", str(args.sinusoid_iterations)],
+      result = _run(sinusoid, run_flags(solver, mlti, args),
                     os.path.join(args.runs, f"sinusoid-{name}"))
       records.append({"benchmark": "sinusoid", "method": label(solver, mlti), **result})
     if args.only in (None, "digits"):
       for shots in (1, 5):
-        result = _run(fewshot, [*common_flags, "--shots", str(shots),
-                                "--iterations", str(args.digits_iterations)],
+        result = _run(fewshot, run_flags(solver, mlti, args, shots),
                       os.path.join(args.runs, f"digits-{name}-{shots}shot"))
         records.append({"benchmark": f"digits-{shots}shot", "method": label(solver, mlti),
                         **result})

@@ -80,6 +80,9 @@ def parse_args(argv=None):
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
     p.error(f"--solvers repeats {repeated}: name each solver once.")
+  if "imaml" not in names and args.reg != p.get_default("reg"):
+    p.error(f"--reg {args.reg} is used by the imaml solver only, which --solvers "
+            f"{args.solvers} does not run.")
   common.setup_devices(p, args)
   return args
 

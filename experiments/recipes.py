@@ -56,8 +56,10 @@ def add_method_flags(parser, *, context_size: int) -> None:
 def check_method_flags(parser, args) -> None:
   common.check_flags(parser, args, positive_int=("--context-size",),
                      positive_float=("--context-lr", "--mlti"))
-  common.refuse_unused_flags(parser, args, {"--context-size": ("cavia",),
-                                            "--context-lr": ("cavia",)})
+  used_by = {"--context-size": ("cavia",), "--context-lr": ("cavia",)}
+  if hasattr(args, "inner_lr"):  # sinusoid.py's flag; CAVIA steps its context by --context-lr
+    used_by["--inner-lr"] = tuple(s for s in SOLVERS if s != "cavia")
+  common.refuse_unused_flags(parser, args, used_by)
 
 
 def head_mask(params, *, invert: bool = False):

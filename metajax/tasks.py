@@ -58,6 +58,10 @@ def _check_key(key) -> None:
     return
   shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
   if dtype == jnp.uint32 and len(shape) == 1:  # a raw key, e.g. jax.random.PRNGKey(0)
+    raw = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if shape != raw:
+      raise ValueError(f"key is a raw uint32 key of shape {shape}; jax.random.PRNGKey keys "
+                       f"have shape {raw}: use jax.random.key(seed) or jax.random.PRNGKey(seed).")
     return
   if dtype == jnp.uint32 and len(shape) == 2:
     raise ValueError(f"key must be a single PRNG key, got a batch of {shape[0]} raw keys "
@@ -320,6 +324,10 @@ def episodes(*, ways: int, shots: int, queries: int, rotations: bool = False,
   """
   for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
     _common.check_positive_int(name, value)
+  if ways < 2:
+    raise ValueError("ways must be >= 2, got 1: a 1-way task labels every example 0, so the "
+                     "loss, the meta-gradient and the errors are 0 (and accuracy 1) whatever "
+                     "the model.")
   _check_bool("rotations", rotations)
   _check_dtype(dtype)
 

@@ -591,13 +591,13 @@ CHECKPOINTS = [
     Case("checkpoints", "resume with other --shots and --seed into the same --out",
          lambda: _resume(_checkpoint(), shots=5, seed=1), RuntimeError,
          r"--shots 5 \(checkpoints: 1\), --seed 1 \(checkpoints: 0\)"),
-    Case("checkpoints", "resume a checkpoint of another structure (no run record)",
-         lambda: _resume(_checkpoint(record=False), _state(metasgd=True)), RuntimeError,
+    Case("checkpoints", "resume a checkpoint of another structure (same flags)",
+         lambda: _resume(_checkpoint(), _state(metasgd=True)), RuntimeError,
          r"checkpoint .*checkpoints/2 does not match this run's training state \(it lacks "
          r"meta_params\.params\.Dense_0\.bias.*; it has meta_params\.Dense_0\.bias.*another "
          r"--solver, --config or model"),
     Case("checkpoints", "resume a checkpoint of other shapes (another model)",
-         lambda: _resume(_checkpoint(record=False, width=8)), RuntimeError,
+         lambda: _resume(_checkpoint(width=8)), RuntimeError,
          r"meta_params\.Dense_0\.bias has shape \(8,\) in it, \(4,\) here"),
     Case("checkpoints", "resume a checkpoint past --iterations",
          lambda: _resume(_checkpoint(step=6), iterations=4), RuntimeError,

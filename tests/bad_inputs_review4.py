@@ -102,4 +102,7 @@ CASES = [
     Case("cli", "fewshot.py --solver maml --context-lr 9 (CAVIA's flag)",
          _cli("fewshot", "--solver", "maml", "--context-lr", "9"), ValueError,
          r"--context-lr 9.0 is used by --solver cavia only; --solver maml would ignore it"),
+    Case("cli", "sinusoid.py --solver cavia --inner-lr 0.7 (CAVIA steps by --context-lr)",
+         _cli("sinusoid", "--solver", "cavia", "--inner-lr", "0.7"), ValueError,
+         r"--inner-lr 0.7 is not used by --solver cavia; --solver cavia would ignore it"),
 ]

@@ -20,7 +20,7 @@ from tests import badinput  # noqa: E402
 
 MODULES = ("tests.bad_inputs_api", "tests.bad_inputs_models_tasks", "tests.bad_inputs_data_cli",
            "tests.bad_inputs_methods", "tests.bad_inputs_parallel", "tests.bad_inputs_review",
-           "tests.bad_inputs_review4")
+           "tests.bad_inputs_review4", "tests.bad_inputs_review5")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "bad-inputs.md")
 

@@ -35,6 +35,8 @@ def _write_omniglot_zip(path, root, alphabets, first_character, drawers=20):
           if d == 1:  # a zip re-made on macOS: resource forks beside the drawings, skipped
             archive.writestr(f"__MACOSX/{root}/{alphabet}/character{c:02d}/._"
                              f"{character:04d}_{d:02d}.png", b"\0\x05\x16\x07 Mac OS X")
+            archive.writestr(f"{root}/{alphabet}/character{c:02d}/._{character:04d}_{d:02d}.png",
+                             b"\0\x05\x16\x07 Mac OS X")  # AppleDouble in the folder itself
         character += 1
   return character
 
@@ -202,3 +204,24 @@ def test_group_by_class_requires_equal_classes_unless_per_class():
     omniglot.group_by_class(images, labels)
   np.testing.assert_array_equal(omniglot.group_by_class(images, labels, per_class=2),
                                 [[5, 6], [1, 3], [0, 2]])
+
+
+def test_drawings_on_a_transparent_background_keep_their_strokes():
+  """convert('L') drops alpha: black strokes on a transparent background became one flat
+  image. Transparency is composited onto white first, as a viewer shows it."""
+  rgba = Image.new("RGBA", (105, 105), (0, 0, 0, 0))
+  ImageDraw.Draw(rgba).line([(50, 10), (50, 95)], fill=(0, 0, 0, 255), width=6)
+  opaque = Image.new("L", (105, 105), 255)
+  ImageDraw.Draw(opaque).line([(50, 10), (50, 95)], fill=0, width=6)
+  np.testing.assert_array_equal(omniglot._to_array(rgba, 28), omniglot._to_array(opaque, 28))
+  with pytest.raises(ValueError, match="is a I;16 image"):
+    omniglot._to_array(Image.new("I;16", (105, 105), 30000), 28)
+
+
+def test_an_unwritable_cache_warns_and_returns_the_data(tmp_path):
+  from metajax.data._common import cached
+  arrays = {"images": np.ones((2, 3), np.uint8)}
+  path = str(tmp_path / "no-such-folder" / "cache.npz")  # np.savez cannot create the folder
+  with pytest.warns(UserWarning, match="could not write the cache file .*cache.npz"):
+    out = cached(path, lambda: arrays, expect={"images": (2, 3)})
+  np.testing.assert_array_equal(out["images"], arrays["images"])

@@ -38,6 +38,20 @@ def test_cosmixture_chunk_larger_than_iterations_trains_them_all():
   assert args.iterations // args.chunk * args.chunk == 5
 
 
+def test_compare_methods_gives_every_method_flags_its_script_accepts():
+  """The scripts refuse flags a method would ignore (sinusoid.py --solver cavia --inner-lr):
+  every run the comparison launches must parse, with the flags it was given."""
+  compare = _script("compare_methods")
+  args = compare.parse_args([])
+  for solver, mlti in compare.ROWS:
+    parsed = compare.sinusoid.parse_args(compare.run_flags(solver, mlti, args))
+    assert parsed.solver == solver and parsed.iterations == args.sinusoid_iterations
+    assert parsed.inner_steps == 5
+    for shots in (1, 5):
+      parsed = compare.fewshot.parse_args(compare.run_flags(solver, mlti, args, shots))
+      assert (parsed.solver, parsed.shots, parsed.mlti) == (solver, shots, mlti)
+
+
 def test_fewshot_metasgd_finetunes_with_the_learned_step_sizes():
   """Regression: Meta-SGD was evaluated with the scalar config.inner_lr."""
   fewshot = _script("fewshot")

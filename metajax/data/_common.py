@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 
@@ -123,8 +124,13 @@ def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8,
     arrays = build()
     if path:
       tmp = path + ".tmp.npz"
-      np.savez(tmp, **arrays, **({} if stamp is None else {"sources": np.array(stamp)}))
-      os.replace(tmp, path)
+      try:
+        np.savez(tmp, **arrays, **({} if stamp is None else {"sources": np.array(stamp)}))
+        os.replace(tmp, path)
+      except OSError as err:  # a read-only dataset folder, a full disk: the data is still good
+        warnings.warn(f"could not write the cache file {path} ({type(err).__name__}: {err}); "
+                      "the data was loaded without it and will be decoded again next time "
+                      "(pass cache=False to skip the cache).", stacklevel=3)
     return arrays
 
   if not (path and os.path.exists(path)):
@@ -150,6 +156,23 @@ def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8,
       raise ValueError(f"cache file {path} holds {name!r} as {array.dtype} {array.shape}, "
                        f"expected {np.dtype(dtype)} {want}; {fix}.")
   return arrays
+
+
+def eight_bit(image, mode: str, where: str):
+  """``image`` (PIL) converted to the 8-bit ``mode`` (``"L"`` or ``"RGB"``).
+
+  Transparency is composited onto white first (``convert`` would drop the alpha channel and
+  with it a drawing on a transparent background); 16-bit and float images are refused, as
+  ``convert`` clips them to 255 or 0 instead of rescaling.
+  """
+  if image.mode in ("I", "F") or image.mode.startswith("I;"):
+    raise ValueError(f"{where} is a {image.mode} image (16-bit, 32-bit or float): the loaders "
+                     "read 8-bit images; convert it to 8-bit (L or RGB) first.")
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    Image = require_pillow("images with transparency")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, image.convert("RGBA"))
+  return image.convert(mode)
 
 
 def require_pillow(purpose: str):

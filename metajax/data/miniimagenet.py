@@ -17,7 +17,13 @@ import os
 
 import numpy as np
 
-from metajax.data._common import cached, check_positive_int, group_by_class, require_pillow
+from metajax.data._common import (
+  cached,
+  check_positive_int,
+  eight_bit,
+  group_by_class,
+  require_pillow,
+)
 
 SPLITS = ("train", "val", "test")
 HEADER = ("filename", "label")
@@ -54,6 +60,24 @@ def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
   if not filenames:
     raise ValueError(f"{csv_path} lists no images, only the header.")
   return filenames, labels
+
+
+def _check_disjoint(root: str, splits: tuple[str, ...]) -> None:
+  """Meta-test classes and images must not appear in another split (they would leak into
+  meta-training and inflate the test accuracy)."""
+  seen_classes, seen_files = {}, {}
+  for split in splits:
+    csv_path = os.path.join(root, f"{split}.csv")
+    filenames, labels = _read_split(csv_path)
+    for kind, seen, names in (("class", seen_classes, set(labels)),
+                              ("image", seen_files, set(filenames))):
+      shared = sorted(names & set(seen))
+      if shared:
+        other = seen[shared[0]]
+        raise ValueError(f"{kind} {shared[0]!r} is in both {other} and {csv_path}"
+                         f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: "
+                         "the splits must be disjoint.")
+      seen.update(dict.fromkeys(names, csv_path))
 
 
 def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
@@ -93,12 +117,15 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
                             "Ravi & Larochelle's split files and images/.")
   Image = require_pillow("miniImageNet")
   image_dir = os.path.join(root, "images")
-  out = {}
   for split in splits:
     csv_path = os.path.join(root, f"{split}.csv")
     if not os.path.exists(csv_path):
       raise FileNotFoundError(f"{csv_path} not found: place Ravi & Larochelle's split files "
                               "and images/ in root.")
+  _check_disjoint(root, splits)
+  out = {}
+  for split in splits:
+    csv_path = os.path.join(root, f"{split}.csv")
 
     def build(csv_path=csv_path):
       filenames, labels = _read_split(csv_path)
@@ -116,7 +143,8 @@ def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,
       for path in paths:
         try:
           with Image.open(path) as image:
-            image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            image = eight_bit(image, "RGB", f"{path} (listed in {csv_path})").resize(
+                (image_size, image_size), Image.BILINEAR)
             images.append(np.asarray(image, np.uint8))
         except OSError as err:  # PIL.UnidentifiedImageError, truncated image data
           raise ValueError(f"{path} (listed in {csv_path}) is not a readable image "

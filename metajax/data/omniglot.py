@@ -39,6 +39,7 @@ import numpy as np
 from metajax.data._common import (
     cached,
     check_positive_int,
+    eight_bit,
     group_by_class,
     require_pillow,
     sha256,
@@ -58,10 +59,10 @@ DIRECT_ARCHIVES = ("images_background.zip", "images_evaluation.zip")
 _NAME = re.compile(r"(\d{4})_(\d{2})\.png$")
 
 
-def _to_array(image, image_size: int) -> np.ndarray:
+def _to_array(image, image_size: int, where: str = "image") -> np.ndarray:
   """Grayscale, Lanczos resize, invert: strokes become bright on a dark background."""
   Image = require_pillow("Omniglot")
-  image = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
+  image = eight_bit(image, "L", where).resize((image_size, image_size), Image.LANCZOS)
   return 255 - np.asarray(image, np.uint8)
 
 
@@ -111,12 +112,13 @@ def _read_archive(path: str, image_size: int, images: list, labels: list) -> Non
     with zipfile.ZipFile(path) as archive:
       for name in sorted(archive.namelist()):
         match = _NAME.search(name)
-        if not match or name.startswith("__MACOSX/"):  # macOS's resource forks: not drawings
+        if (not match or name.startswith("__MACOSX/")
+            or os.path.basename(name).startswith("._")):  # macOS's resource forks: not drawings
           continue
         data = archive.read(name)
         try:
           with Image.open(io.BytesIO(data)) as image:
-            images.append(_to_array(image, image_size))
+            images.append(_to_array(image, image_size, f"{path}: {name}"))
         except OSError as err:  # PIL.UnidentifiedImageError, truncated image data
           raise ValueError(f"{path}: {name} is not a readable image ({err}); download the "
                            "archive again.") from err

@@ -275,7 +275,8 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
       [`Conv4`][metajax.models.Conv4]).
     key: PRNG key for the initialization.
     input_shape: ``(H, W, C)`` of one image (positive ints).
-    dtype: floating-point dtype of the dummy input used to initialize.
+    dtype: floating-point dtype of the parameters (and of the dummy input used to
+      initialize); the solvers take float32 or float64.
 
   Returns:
     ``(params, apply_fn)`` with ``apply_fn(params, x)`` for ``x`` of shape ``(N, H, W, C)``;
@@ -299,21 +300,41 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
                     f"{type(module).__module__}.{type(module).__name__}; use from_nnx or "
                     "from_equinox for flax.nnx or equinox modules.")
   input_shape = _check_input_shape(input_shape)
+  h, w, c = input_shape
+  if h in (1, 3, 4) and w > 4 and c > 4:  # (C, H, W): a 1-3 pixel high image with 28 channels
+    raise ValueError(f"input_shape {input_shape} looks channel-first (C, H, W); metajax models "
+                     f"take NHWC images: pass ({w}, {c}, {h}) and the images as "
+                     "x.transpose(0, 2, 3, 1).")
   _check_float_dtype(dtype)
-  if callable(getattr(module, "check", None)):
+  if callable(getattr(module, "check", None)) and _common.takes_positional(module.check, 1):
     module.check(input_shape)
   # One compiled program: eager init dispatches (and compiles) every op on its own, ~3x slower
   # for a Conv4 on 84 x 84 images.
   params = jax.jit(module.init)(key, jnp.zeros((2, *input_shape), dtype))["params"]
+  # flax layers keep their own param_dtype (float32) whatever the input's: one dtype throughout
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
 
   def apply_fn(params, x, **kwargs):  # kwargs: e.g. Conv4's context=
-    if getattr(x, "ndim", 4) != 4:
-      shape = tuple(x.shape)
+    shape = tuple(jnp.shape(x))
+    if len(shape) != 4:
       fix = ("add the channel axis with x[..., None]" if shape[1:] == input_shape[:2]
              else "add a batch axis with x[None] for one image")
       raise ValueError(f"apply_fn takes a batch of NHWC images (N, H, W, C) of {input_shape}, "
                        f"got shape {shape}; {fix}.")
-    return module.apply({"params": params}, x, **kwargs)
+    if shape[1:] == (c, h, w) != input_shape:
+      raise ValueError(f"apply_fn was built for NHWC images of {input_shape}; these of "
+                       f"{shape[1:]} are channel-first: pass x.transpose(0, 2, 3, 1).")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(f"apply_fn takes floating-point images scaled as in training (e.g. "
+                      f"x / 255.0), got dtype {jnp.result_type(x)}.")
+    try:
+      return module.apply({"params": params}, x, **kwargs)
+    except Exception as err:  # flax's shape error: another channel count or image size
+      wrapped = _common.model_input_error(
+          err, f"apply_fn (built for images of {input_shape}, given {shape[1:]})", x=x)
+      if wrapped is None:
+        raise
+      raise wrapped from err
 
   apply_fn.module = module
   return params, apply_fn
