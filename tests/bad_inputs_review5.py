@@ -101,3 +101,9 @@ CASES = [
          r"--reg 5.0 is used by the imaml solver only, which --solvers maml,adjoint does not "
          r"run"),
 ]
+CASES += [
+    Case("solvers", "context wrapping unrolled(per_step=True) ((steps,) rates read per entry)",
+         lambda: metajax.solvers.context(metajax.solvers.unrolled(
+             lambda p, b: jnp.sum(p["context"] ** 2), steps=3, per_step=True), 4), TypeError,
+         r"context cannot wrap unrolled\(\.\.\., per_step=True\)"),
+]

@@ -252,3 +252,47 @@ def test_wrappers_take_per_parameter_step_sizes_given_at_construction():
                                                                              support)
   # one step from a zero context: -rates * d/dc mean((1 + c0 + c1 - 3)^2) = rates * 4
   np.testing.assert_allclose(built["context"], 4.0 * entries, rtol=1e-6)
+
+
+def test_unrolled_past_its_stability_limit_is_diverged_not_successful():
+  """10 GD steps of 0.1 on curvature 30 multiply the error by -2 per step: the support loss
+  rises 4^9-fold, finite all along; it was reported successful (the adjoint's grid, which runs
+  the same steps, said diverged)."""
+  loss = lambda p, b: 0.5 * 30.0 * jnp.sum((p - b) ** 2)
+  theta, support = jnp.zeros(2), jnp.ones(2)
+  phi, info = S.unrolled(loss, steps=10, step_size=0.1, throw=False).solve(theta, support)
+  np.testing.assert_allclose(phi, 1 - (-2.0) ** 10, rtol=1e-6)  # plain GD: 1 - (1 - 3)^10
+  assert int(info.result) == RESULTS.diverged
+  with pytest.raises(Exception, match=r"support loss rose more than 100-fold.*lower step_size"):
+    jax.block_until_ready(jax.jit(S.unrolled(loss, steps=10, step_size=0.1))(theta, support))
+  _, info = S.unrolled(loss, steps=10, step_size=0.01, throw=False).solve(theta, support)
+  assert int(info.result) == RESULTS.successful
+
+
+def test_implicit_capped_solve_that_blew_up_is_diverged_not_max_steps():
+  """With tol > 0 a solve whose residual grew 1e40-fold was reported max_steps_reached, whose
+  advice (raise max_steps) makes it worse."""
+  loss = lambda p, b: 0.5 * 100.0 * jnp.sum((p - b) ** 2)
+  adapt = S.implicit(loss, reg=1.0, optimizer=inner_optimizers.gd(0.05), max_steps=40,
+                     tol=1e-8, throw=False)
+  _, info = adapt.solve(jnp.zeros(2), jnp.ones(2))
+  assert int(info.result) == RESULTS.diverged
+  capped = S.implicit(loss, reg=1.0, optimizer=inner_optimizers.gd(0.001), max_steps=3,
+                      tol=1e-8, throw=False)
+  assert int(capped.solve(jnp.zeros(2), jnp.ones(2))[1].result) == RESULTS.max_steps_reached
+
+
+def test_large_finite_values_are_not_called_non_finite_in_float32():
+  """|phi|^2 and loss + |grads|^2 overflow float32 past ~1.8e19: a finite phi of 1.5e19 was
+  'nonfinite', and the train step skipped a finite meta-gradient of 3e19."""
+  loss = lambda p, b: jnp.sum(p * b)
+  phi, info = S.unrolled(loss, steps=1, step_size=1.0, throw=False).solve(
+      jnp.zeros(2, jnp.float32), jnp.full(2, -1.5e19, jnp.float32))
+  assert float(phi[0]) == pytest.approx(1.5e19) and int(info.result) == RESULTS.successful
+  value_and_grad = lambda p, tasks: (jnp.float32(1.0), jnp.full_like(p, 3e19))
+  sample = lambda key, n: metajax.tasks.Task(jnp.ones((n, 1)), jnp.ones((n, 1)))
+  step = metajax.meta.make_train_step(value_and_grad, optax.sgd(1e-30), sample,
+                                      meta_batch_size=2, nonfinite="skip")
+  new, _ = step(metajax.meta.init_train_state(jnp.zeros(2, jnp.float32), optax.sgd(1e-30)),
+                jax.random.key(0))
+  assert int(new.skipped) == 0 and int(new.step) == 1

@@ -10,7 +10,7 @@ import optax
 
 from metajax.meta import _distribute
 from metajax.solvers import _common, _loops
-from metajax.solvers._result import RESULTS, context, error_if
+from metajax.solvers._result import RESULTS, all_finite, context, error_if
 
 PyTree = Any
 NONFINITE_POLICIES = ("raise", "skip")
@@ -201,11 +201,12 @@ NONFINITE_MESSAGE = (
 def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
   """The optax update, with the non-finite policy applied to the loss and the meta-gradient.
 
-  One scalar carries the check (a NaN or inf anywhere in the loss or the gradient makes
-  ``loss + |grads|^2`` non-finite), so the check costs one reduction and one branch.
+  One scalar carries the check (the loss and every gradient leaf finite, leaf by leaf: a
+  squared norm would overflow float32 for finite gradients past ~1e19), one branch.
   Returns the new state and the (checked) loss.
   """
-  ok = jnp.isfinite(loss + _common.tree_vdot(grads, grads))
+  grads_finite = all_finite(grads)  # leaf by leaf: |grads|^2 overflows float32 past ~1e19
+  ok = jnp.isfinite(loss) & grads_finite
   if nonfinite == "raise":
     code = jnp.where(ok, RESULTS.successful, RESULTS.nonfinite)
     loss = error_if(
@@ -214,7 +215,7 @@ def _checked_update(optimizer, state: TrainState, loss, grads, nonfinite: str):
         hint="(make_train_step(..., nonfinite='skip') skips such meta-iterations instead of "
              "raising.)",
         meta_iteration=state.step, meta_loss=loss,
-        meta_gradient_finite=jnp.isfinite(_common.tree_vdot(grads, grads)))
+        meta_gradient_finite=grads_finite)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     return TrainState(optax.apply_updates(state.meta_params, updates), opt_state,
                       state.step + 1, state.skipped), loss

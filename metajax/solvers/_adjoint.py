@@ -29,11 +29,8 @@ DEFAULT_STEPS = _DefaultSteps(10)
 # CPU): 4.4 -> 2.8 ms per meta-gradient, compile 2.9 -> 2.0 s; memory 16 states at most.
 STORED_STEPS = 16
 # A fixed grid "diverged" when F = L + reg/2 |phi - theta|^2 ended more than this many times |F|
-# above its start. The flow only decreases F, but a coarse grid may raise it a little and still be
-# what the user wants: MAML's 0.4 steps (2 of them, the digits config) raise a fresh Conv4's
-# support loss 23% at the first meta-iteration and train fine. An unstable grid grows F
-# geometrically (a quadratic at 1.5x its step limit: 1e6-fold in 10 steps).
-GRID_RISE = 100.0
+# above its start (the flow only decreases F; see _common.LOSS_RISE).
+GRID_RISE = _common.LOSS_RISE
 GRID_MESSAGES = {
     RESULTS.diverged: "the grid diverged: the objective L + reg/2 |phi - theta|^2, which the "
                       f"flow only decreases, rose more than {GRID_RISE:g}-fold (objective_start "

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from metajax.solvers import _common, _loops
-from metajax.solvers._result import RESULTS, AdaptInfo, error_if
+from metajax.solvers._result import RESULTS, AdaptInfo, all_finite, error_if
 from metajax.solvers.base import InnerSolver
 
 PyTree = Any
@@ -70,6 +70,12 @@ def _check_step_size(step_size, per_step: bool = False) -> None:
       len(jax.tree.leaves(step_size)) == 1
       and jnp.ndim(jax.tree.leaves(step_size)[0]) > int(per_step))
   _common.check_hyperparameter("step_size", step_size, strict=False, signed=per_parameter)
+
+
+DIVERGED_MESSAGE = (
+    f"the support loss rose more than {_common.LOSS_RISE:g}-fold during the inner steps "
+    "(support_loss_start to support_loss_max), which gradient descent does past its stability "
+    "limit (a step of 2 / the largest Hessian eigenvalue): lower step_size")
 
 
 class Unrolled(InnerSolver):
@@ -194,23 +200,34 @@ class Unrolled(InnerSolver):
     (phi, _, k), (losses, path) = _loops.repeat(step, carry, self.steps, n_unroll)
 
     finite_losses = jnp.isfinite(losses)
-    finite = jnp.all(finite_losses) & jnp.isfinite(_common.tree_vdot(phi, phi))
+    finite = jnp.all(finite_losses) & all_finite(phi)
+    # Gradient descent past its stability limit raises the support loss geometrically, long
+    # before it overflows (float64: never, in a few steps): as the adjoint's grid, a loss that
+    # rose more than LOSS_RISE-fold at some step is `diverged`. Free: the losses are computed
+    # anyway (the loss after the last step is not, so steps=1 is checked for NaN only).
+    start = losses[0]
+    floor = jnp.sqrt(jnp.finfo(losses.dtype).eps)
+    rose = jnp.max(losses) > start + _common.LOSS_RISE * jnp.maximum(jnp.abs(start), floor)
     # Traced (learned) step sizes are checked for finiteness only: Meta-SGD's learned
     # per-parameter rates set direction and size and may turn negative (Li et al. 2017);
     # learn={"step_size": "log"} keeps them positive.
     hyper_ok = (RESULTS.successful if rates is None or not _common.is_traced(rates)
                 else _common.hyperparameter_result(rates, signed=True))
-    result = jnp.where(hyper_ok != 0, hyper_ok,
-                       jnp.where(finite, RESULTS.successful, RESULTS.nonfinite)).astype(jnp.int32)
+    result = jnp.where(hyper_ok != 0, hyper_ok, jnp.where(
+        ~finite, RESULTS.nonfinite, jnp.where(rose, RESULTS.diverged, RESULTS.successful)))
+    result = result.astype(jnp.int32)
     first_bad = jnp.where(jnp.all(finite_losses), self.steps, jnp.argmin(finite_losses))
     if self.throw:
       values = dict(inner_step=first_bad, support_loss=jnp.where(
           first_bad < self.steps, losses[jnp.minimum(first_bad, self.steps - 1)], losses[-1]))
       if rates is not None:
         values["step_size"] = _common.worst(rates)
-      phi = error_if(phi, result, "metajax unrolled solver, inner stage", **values)
+      values.update(support_loss_start=start, support_loss_max=jnp.max(losses))
+      messages = {RESULTS.diverged: DIVERGED_MESSAGE}
+      phi = error_if(phi, result, "metajax unrolled solver, inner stage", messages, **values)
       if trajectory:
-        path = error_if(path, result, "metajax unrolled solver, inner stage", **values)
+        path = error_if(path, result, "metajax unrolled solver, inner stage", messages,
+                        **values)
     final_loss, grads = self._value_and_grad(phi, support, *self._loss_args(k))
     info = AdaptInfo(result=result, steps=k, residual=_common.tree_norm(grads), loss=final_loss,
                      stats={"losses": losses})

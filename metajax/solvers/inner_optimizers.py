@@ -170,10 +170,11 @@ def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
 
   Stops after ``steps`` iterations or when ``||grad|| <= tol * ||grad(x0)||``; the result is
   ``successful`` when that held, ``max_steps_reached`` when the cap came first, ``nonfinite``
-  when a NaN or inf appeared. ``tol=0`` runs exactly ``steps`` iterations (iMAML's setting) and
-  is ``successful`` unless the residual grew more than 1e4-fold (``diverged``) or became
-  non-finite. With ``tol=0`` on CPU convolutions the loop is unrolled (XLA runs convolutions in
-  rolled loops ~20x slower); no gradient flows through it, so that costs compile time only.
+  when a NaN or inf appeared, ``diverged`` when the residual grew more than 1e4-fold (whatever
+  ``tol``: a blown-up solve is not one that needed more steps). ``tol=0`` runs exactly
+  ``steps`` iterations (iMAML's setting). With ``tol=0`` on CPU convolutions the loop is
+  unrolled (XLA runs convolutions in rolled loops ~20x slower); no gradient flows through it,
+  so that costs compile time only.
   """
   _common.check_positive_int("max_steps", steps)
   _common.check_tolerance("tol", tol)
@@ -233,11 +234,10 @@ def minimize(optimizer: InnerOptimizer, *, steps: int, tol: float | None,
     iterations, x, _, value, grad = carry
     residual = _common.tree_norm(grad)
     finite = all_finite(x) & jnp.isfinite(residual) & jnp.isfinite(value)
-    if fixed:
-      result = fixed_iteration_result(finite, residual, norm0)
-    else:
-      result = jnp.where(~finite, RESULTS.nonfinite, jnp.where(
-          residual <= threshold, RESULTS.successful, RESULTS.max_steps_reached))
+    result = fixed_iteration_result(finite, residual, norm0)  # nonfinite, diverged or fine
+    if not fixed:  # a capped solve that did not diverge: met its tolerance, or the cap first
+      result = jnp.where((result == RESULTS.successful) & (residual > threshold),
+                         RESULTS.max_steps_reached, result)
     return MinimizeResult(x, result.astype(jnp.int32), iterations, residual, norm0, value)
 
   return solve

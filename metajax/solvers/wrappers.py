@@ -229,6 +229,10 @@ class Context(_Wrapper):
     if isinstance(solver, Context):
       raise TypeError("context cannot wrap context(...): the model takes one context; give "
                       "context(solver, shape) the shape of the whole context instead.")
+    if getattr(solver, "per_step", False):
+      raise TypeError("context cannot wrap unrolled(..., per_step=True): its (steps,) rates "
+                      "would be read as one rate per context entry; give the context one step "
+                      "size, or one per entry, for all steps.")
     is_int = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
     if is_int(shape):
       shape = (shape,)
