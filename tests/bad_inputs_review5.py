@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,17 @@ def _resume_with_an_empty_run_record():
   return _resume(directory)
 
 
+def _omniglot_archive_twice():
+  """images_evaluation.zip a copy of images_background.zip (verify=False): every drawing twice,
+  so one could be a task's support and query example at once."""
+  from tests.test_data import _write_omniglot_zip
+  directory = tempfile.mkdtemp()
+  background = os.path.join(directory, "images_background.zip")
+  _write_omniglot_zip(background, "images_background", [("Latin", 2)], 1, drawers=2)
+  shutil.copy(background, os.path.join(directory, "images_evaluation.zip"))
+  return metajax.data.load_omniglot_zips(directory, verify=False, cache=False, num_train=1)
+
+
 CASES = [
     Case("models", "init_model given a channel-first input_shape (C, H, W)",
          lambda: init_model(Conv4(num_classes=5, filters=4, strided=True), jax.random.key(0),
@@ -100,10 +112,12 @@ CASES = [
          _cli("cosmixture", "--solvers", "maml,adjoint", "--reg", "5"), ValueError,
          r"--reg 5.0 is used by the imaml solver only, which --solvers maml,adjoint does not "
          r"run"),
-]
-CASES += [
     Case("solvers", "context wrapping unrolled(per_step=True) ((steps,) rates read per entry)",
          lambda: metajax.solvers.context(metajax.solvers.unrolled(
              lambda p, b: jnp.sum(p["context"] ** 2), steps=3, per_step=True), 4), TypeError,
          r"context cannot wrap unrolled\(\.\.\., per_step=True\)"),
+    Case("data", "Omniglot's two archives holding the same characters (verify=False)",
+         _omniglot_archive_twice, ValueError,
+         r"character 0001 is in both .*images_background.zip and .*images_evaluation.zip \(and 1 "
+         r"more\): the archives hold disjoint characters"),
 ]

@@ -179,9 +179,17 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
       _check_archive(path)
 
   def build():
-    images, labels = [], []
+    images, labels, seen = [], [], {}
     for path in paths:
+      start = len(labels)
       _read_archive(path, image_size, images, labels)
+      numbers = set(labels[start:])
+      shared = sorted(numbers & set(seen))
+      if shared:  # the two archives number their characters apart (1-964, 965-1623)
+        raise ValueError(f"character {shared[0]:04d} is in both {seen[shared[0]]} and {path}"
+                         f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: the "
+                         "archives hold disjoint characters (is one a copy of the other?).")
+      seen.update(dict.fromkeys(numbers, path))
     return {"characters": _by_character(images, labels, " and ".join(paths))}
 
   path = os.path.join(directory, f"omniglot_{image_size}.npz") if cache else None
