@@ -158,6 +158,20 @@ def cached(path: str | None, build, *, expect: dict[str, tuple], dtype=np.uint8,
   return arrays
 
 
+def check_disjoint(kind: str, parts, why: str, show=repr) -> None:
+  """Refuses a ``kind`` (a class, an image) found in two of ``parts``, ``[(source, names)]``,
+  naming it (``show(name)``) and both sources; ``why`` ends the message."""
+  seen = {}
+  for source, names in parts:
+    names = set(names)
+    shared = sorted(names & set(seen))
+    if shared:
+      more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+      raise ValueError(f"{kind} {show(shared[0])} is in both {seen[shared[0]]} and {source}"
+                       f"{more}: {why}")
+    seen.update(dict.fromkeys(names, source))
+
+
 def eight_bit(image, mode: str, where: str):
   """``image`` (PIL) converted to the 8-bit ``mode`` (``"L"`` or ``"RGB"``).
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from metajax.data._common import (
   cached,
+  check_disjoint,
   check_positive_int,
   eight_bit,
   group_by_class,
@@ -65,19 +66,11 @@ def _read_split(csv_path: str) -> tuple[list[str], list[str]]:
 def _check_disjoint(root: str, splits: tuple[str, ...]) -> None:
   """Meta-test classes and images must not appear in another split (they would leak into
   meta-training and inflate the test accuracy)."""
-  seen_classes, seen_files = {}, {}
-  for split in splits:
-    csv_path = os.path.join(root, f"{split}.csv")
-    filenames, labels = _read_split(csv_path)
-    for kind, seen, names in (("class", seen_classes, set(labels)),
-                              ("image", seen_files, set(filenames))):
-      shared = sorted(names & set(seen))
-      if shared:
-        other = seen[shared[0]]
-        raise ValueError(f"{kind} {shared[0]!r} is in both {other} and {csv_path}"
-                         f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: "
-                         "the splits must be disjoint.")
-      seen.update(dict.fromkeys(names, csv_path))
+  listed = {path: _read_split(path) for path in (os.path.join(root, f"{split}.csv")
+                                                  for split in splits)}
+  for kind, column in (("class", 1), ("image", 0)):
+    check_disjoint(kind, [(path, rows[column]) for path, rows in listed.items()],
+                   "the splits must be disjoint.")
 
 
 def load_miniimagenet(root: str, *, splits=SPLITS, image_size: int = 84,

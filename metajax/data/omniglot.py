@@ -38,6 +38,7 @@ import numpy as np
 
 from metajax.data._common import (
     cached,
+    check_disjoint,
     check_positive_int,
     eight_bit,
     group_by_class,
@@ -179,17 +180,14 @@ def load_omniglot_zips(directory: str, *, image_size: int = 28, num_train: int =
       _check_archive(path)
 
   def build():
-    images, labels, seen = [], [], {}
+    images, labels, numbers = [], [], []
     for path in paths:
       start = len(labels)
       _read_archive(path, image_size, images, labels)
-      numbers = set(labels[start:])
-      shared = sorted(numbers & set(seen))
-      if shared:  # the two archives number their characters apart (1-964, 965-1623)
-        raise ValueError(f"character {shared[0]:04d} is in both {seen[shared[0]]} and {path}"
-                         f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: the "
-                         "archives hold disjoint characters (is one a copy of the other?).")
-      seen.update(dict.fromkeys(numbers, path))
+      numbers.append((path, labels[start:]))
+    # the two archives number their characters apart (1-964, 965-1623)
+    check_disjoint("character", numbers, "the archives hold disjoint characters (is one a "
+                   "copy of the other?).", show=lambda n: f"{n:04d}")
     return {"characters": _by_character(images, labels, " and ".join(paths))}
 
   path = os.path.join(directory, f"omniglot_{image_size}.npz") if cache else None

@@ -17,7 +17,6 @@ from metajax.meta.objectives import (
   _task_batching,
   check_not_learned,
   check_tasks,
-  query_error,
 )
 from metajax.solvers import _common, _loops
 from metajax.tasks import Task
@@ -100,13 +99,9 @@ def make_evaluator(adapt: Callable, metric_fn: Callable, *,
     mode = _task_batching(task_batching, metric_fn, params, tasks, adapt)
     run = _program(adapt, metric_fn, mode)
     parts = []
-    try:
+    with _common.naming_model_inputs("metric_fn(adapted params, query)", query=tasks.query,
+                                     support=tasks.support):
       out = jax.eval_shape(run, params, hyper, jax.tree.map(lambda x: x[:1], tasks))
-    except Exception as err:
-      wrapped = query_error(err, "metric_fn(adapted params, query)", tasks)
-      if wrapped is None:
-        raise
-      raise wrapped from err
     if jnp.shape(out) != (1,):
       raise ValueError(f"metric_fn(adapted_params, query) must return a scalar per task, got "
                        f"shape {jnp.shape(out)[1:]}.")

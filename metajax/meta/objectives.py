@@ -216,21 +216,12 @@ def task_mean(task_loss: Callable, adapt: Callable, loss_fn: Callable, *, learn,
     def mean_loss(params, hyper, tasks, args):
       return jnp.mean(_loops.map_tasks(lambda task: task_loss(params, hyper, task, *args), tasks,
                                        mode))
-    try:
+    # the solvers name the support's shape errors: one left here is the query's
+    with _common.naming_model_inputs("loss_fn(adapted params, query)", query=tasks.query,
+                                     support=tasks.support):
       return in_auto_axes(mean_loss, tasks)(params, hyper, tasks, args)
-    except Exception as err:  # the support's are wrapped by the solver: this is the query's
-      wrapped = query_error(err, "loss_fn(adapted params, query)", tasks)
-      if wrapped is None:
-        raise
-      raise wrapped from err
 
   return objective
-
-
-def query_error(err: Exception, call: str, tasks: Task) -> ValueError | None:
-  """flax's input-shape error reworded to name the query's shapes (the solvers word the
-  support's); ``None`` for any other error."""
-  return _common.model_input_error(err, call, query=tasks.query, support=tasks.support)
 
 
 def reptile_value_and_grad(adapt: Callable, loss_fn: Callable, *, task_batching: str = "auto"):

@@ -327,14 +327,9 @@ def init_model(module: nn.Module, key, input_shape, dtype=jnp.float32):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise TypeError(f"apply_fn takes floating-point images scaled as in training (e.g. "
                       f"x / 255.0), got dtype {jnp.result_type(x)}.")
-    try:
+    with _common.naming_model_inputs(
+        f"apply_fn (built for images of {input_shape}, given {shape[1:]})", x=x):
       return module.apply({"params": params}, x, **kwargs)
-    except Exception as err:  # flax's shape error: another channel count or image size
-      wrapped = _common.model_input_error(
-          err, f"apply_fn (built for images of {input_shape}, given {shape[1:]})", x=x)
-      if wrapped is None:
-        raise
-      raise wrapped from err
 
   apply_fn.module = module
   return params, apply_fn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any
@@ -148,17 +149,21 @@ def check_not_solver(name: str, value, call: str) -> None:
                     f"swapped: pass the solver first, {call}(adapt, {name}).")
 
 
-def model_input_error(err: Exception, call: str, **data) -> ValueError | None:
-  """``err`` as a ValueError naming ``call`` and the shapes of ``data``, when it is flax's own
-  (ScopeParamShapeError: inputs of another width or channel count than the model was built
-  for); ``None`` for any other error."""
-  if not type(err).__module__.startswith("flax."):
-    return None
-  shapes = "; ".join(f"{name} shapes {jax.tree.map(lambda x: tuple(jnp.shape(x)), value)}"
-                     for name, value in data.items())
-  return ValueError(f"{call} failed: the model does not take this data ({shapes}; inputs of "
-                    f"another width or channel count than the model was initialized for?): "
-                    f"{type(err).__name__}: {err}")
+@contextlib.contextmanager
+def naming_model_inputs(call: str, **data):
+  """Within ``with``: flax's own errors (ScopeParamShapeError: inputs of another width or
+  channel count than the model was built for) become a ValueError naming ``call`` and the
+  shapes of ``data``; any other error passes unchanged."""
+  try:
+    yield
+  except Exception as err:
+    if not type(err).__module__.startswith("flax."):
+      raise
+    shapes = "; ".join(f"{name} shapes {jax.tree.map(lambda x: tuple(jnp.shape(x)), value)}"
+                       for name, value in data.items())
+    raise ValueError(f"{call} failed: the model does not take this data ({shapes}; inputs of "
+                     f"another width or channel count than the model was initialized for?): "
+                     f"{type(err).__name__}: {err}") from err
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

@@ -113,21 +113,17 @@ class InnerSolver(abc.ABC):
       if hasattr(leaf, "shape") and 0 in leaf.shape:
         raise ValueError(f"support{jax.tree_util.keystr(path)} is empty (shape "
                          f"{tuple(leaf.shape)}): a task needs at least one support example.")
-    try:
-      out = jax.eval_shape(self.loss_fn, params, support)
-    except (TypeError, ValueError) as err:
-      raise type(err)(f"{self.name} solver: loss_fn(params, support) failed on these "
-                      f"params and support: {err}") from err
-    except (KeyError, IndexError, AttributeError) as err:  # a lookup the params do not have
-      keys = f" (params has the keys {sorted(params)})" if isinstance(params, dict) else ""
-      raise ValueError(f"{self.name} solver: loss_fn(params, support) failed on these params "
-                       f"and support: {type(err).__name__}: {err}{keys}") from err
-    except Exception as err:  # flax's own (ScopeParamShapeError: inputs of another width)
-      wrapped = _common.model_input_error(err, f"{self.name} solver: loss_fn(params, support)",
-                                          support=support)
-      if wrapped is None:
-        raise
-      raise wrapped from err
+    call = f"{self.name} solver: loss_fn(params, support)"
+    # flax's own errors (inputs of another width) pass the except clauses below: named here
+    with _common.naming_model_inputs(call, support=support):
+      try:
+        out = jax.eval_shape(self.loss_fn, params, support)
+      except (TypeError, ValueError) as err:
+        raise type(err)(f"{call} failed on these params and support: {err}") from err
+      except (KeyError, IndexError, AttributeError) as err:  # a lookup the params do not have
+        keys = f" (params has the keys {sorted(params)})" if isinstance(params, dict) else ""
+        raise ValueError(f"{call} failed on these params and support: {type(err).__name__}: "
+                         f"{err}{keys}") from err
     if not hasattr(out, "shape") or out.shape != ():
       shape = getattr(out, "shape", type(out).__name__)
       raise ValueError(f"loss_fn(params, support) must return a scalar, got {shape}; reduce it "
